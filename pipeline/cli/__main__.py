@@ -1,0 +1,7 @@
+"""``python -m pipeline.cli``: same as the ``pipeline`` console script."""
+
+from __future__ import annotations
+
+from pipeline.cli.main import main
+
+main()

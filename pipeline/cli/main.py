@@ -1,0 +1,55 @@
+"""Entry point: the ``pipeline`` click group and uniform error handling.
+
+Every subcommand is a thin layer over a library call. A
+:class:`~pipeline.errors.PipelineError` becomes ``error: <message>`` on stderr
+and exit code 1; usage errors exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    """A group that turns PipelineError into one clear line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pipeline")
+@click.option("--log-level", default="WARNING", show_default=True, envvar="PIPELINE_LOG_LEVEL",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def cli(log_level: str) -> None:
+    """Streaming online learning of sparse CTR models on Kafka."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from pipeline.cli import stack, topics
+
+    cli.add_command(stack.up)
+    cli.add_command(stack.down)
+    cli.add_command(stack.status)
+    cli.add_command(topics.topics)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(cli.main(prog_name="pipeline", standalone_mode=True))
