@@ -3,7 +3,7 @@
 Every settings class reads ``PIPELINE_<GROUP>_<FIELD>`` (for example
 ``PIPELINE_KAFKA_BOOTSTRAP``); the env var of each field is listed in
 ``docs/configuration.md`` (generated from these classes by ``pipeline config
---docs``). Defaults point at the embedded local stack (``pipeline up``).
+docs``). Defaults point at the embedded local stack (``pipeline up``).
 Secrets are :class:`pydantic.SecretStr` and never printed.
 """
 
@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pipeline.errors import ConfigError
 
 __all__ = [
+    "ALL_SETTINGS",
     "KafkaSettings",
     "RedisSettings",
     "StackSettings",
@@ -52,7 +53,9 @@ class KafkaSettings(BaseSettings):
     security_protocol: str = Field(
         "PLAINTEXT", description="security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
     )
-    sasl_mechanism: str | None = Field(None, description="sasl.mechanism, e.g. PLAIN, SCRAM-SHA-512")
+    sasl_mechanism: str | None = Field(
+        None, description="sasl.mechanism, e.g. PLAIN, SCRAM-SHA-512"
+    )
     sasl_username: str | None = Field(None, description="sasl.username")
     sasl_password: SecretStr | None = Field(None, description="sasl.password (secret)")
 
@@ -133,6 +136,13 @@ class TopicsSettings(BaseSettings):
         "", description="Prepended to every topic name (isolates tests and tenants)"
     )
 
+
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    KafkaSettings,
+    RedisSettings,
+    StackSettings,
+    TopicsSettings,
+)
 
 _S = TypeVar("_S", bound=BaseSettings)
 

@@ -31,20 +31,28 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pipeline")
-@click.option("--log-level", default="WARNING", show_default=True, envvar="PIPELINE_LOG_LEVEL",
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    envvar="PIPELINE_LOG_LEVEL",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def cli(log_level: str) -> None:
     """Streaming online learning of sparse CTR models on Kafka."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _register() -> None:
-    from pipeline.cli import stack, topics
+    from pipeline.cli import config, stack, topics
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
     cli.add_command(stack.status)
     cli.add_command(topics.topics)
+    cli.add_command(config.config)
 
 
 _register()

@@ -20,28 +20,58 @@ def _stack(state_dir: str | None, **overrides: object) -> EmbeddedStack:
 
 @click.command()
 @state_dir_option
-@click.option("--broker-port", type=int, default=None, help="[env PIPELINE_STACK_BROKER_PORT; 19092]")
+@click.option(
+    "--broker-port", type=int, default=None, help="[env PIPELINE_STACK_BROKER_PORT; 19092]"
+)
 @click.option("--redis-port", type=int, default=None, help="[env PIPELINE_STACK_REDIS_PORT; 16379]")
-@click.option("--bootstrap", default=None, metavar="HOST:PORT",
-              help="Use an external Kafka instead of starting the broker [env PIPELINE_STACK_BOOTSTRAP]")
-@click.option("--redis-url", default=None, metavar="URL",
-              help="Use an external Redis instead of redis-server [env PIPELINE_STACK_REDIS_URL]")
-@click.option("--topics/--no-topics", "with_topics", default=True, show_default=True,
-              help="Apply topics/*.yaml once the broker answers")
+@click.option(
+    "--bootstrap",
+    default=None,
+    metavar="HOST:PORT",
+    help="Use an external Kafka instead of starting the broker [env PIPELINE_STACK_BOOTSTRAP]",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    metavar="URL",
+    help="Use an external Redis instead of redis-server [env PIPELINE_STACK_REDIS_URL]",
+)
+@click.option(
+    "--topics/--no-topics",
+    "with_topics",
+    default=True,
+    show_default=True,
+    help="Apply topics/*.yaml once the broker answers",
+)
 @prefix_option
-def up(state_dir: str | None, broker_port: int | None, redis_port: int | None,
-       bootstrap: str | None, redis_url: str | None, with_topics: bool, prefix: str | None) -> None:
+def up(
+    state_dir: str | None,
+    broker_port: int | None,
+    redis_port: int | None,
+    bootstrap: str | None,
+    redis_url: str | None,
+    with_topics: bool,
+    prefix: str | None,
+) -> None:
     """Start a Kafka-protocol broker and Redis in the background, then apply the topics."""
-    stack = _stack(state_dir, broker_port=broker_port, redis_port=redis_port,
-                   bootstrap=bootstrap, redis_url=redis_url)
+    stack = _stack(
+        state_dir,
+        broker_port=broker_port,
+        redis_port=redis_port,
+        bootstrap=bootstrap,
+        redis_url=redis_url,
+    )
     started_at = time.monotonic()
     services = stack.up()
     try:
         actions = []
         if with_topics:
             topics = load(TopicsSettings, prefix=prefix)
-            actions = apply_topics({"bootstrap.servers": services["kafka"].address, "log_level": 0},
-                                   load_topic_specs(topics.dir), prefix=topics.prefix)
+            actions = apply_topics(
+                {"bootstrap.servers": services["kafka"].address, "log_level": 0},
+                load_topic_specs(topics.dir),
+                prefix=topics.prefix,
+            )
     except BaseException:
         stack.down()
         raise
@@ -49,7 +79,9 @@ def up(state_dir: str | None, broker_port: int | None, redis_port: int | None,
         origin = f"pid {svc.pid}" if svc.pid else "external"
         click.echo(f"{svc.name:6} {svc.address}  ({origin})")
     for action in actions:
-        click.echo(f"topic  {action.topic}: {action.action}" + "".join(f"; {d}" for d in action.details))
+        click.echo(
+            f"topic  {action.topic}: {action.action}" + "".join(f"; {d}" for d in action.details)
+        )
     click.echo(f"up in {time.monotonic() - started_at:.1f} s; state in {stack.state_dir}")
     click.echo(f"export PIPELINE_KAFKA_BOOTSTRAP={services['kafka'].address}")
     click.echo(f"export PIPELINE_REDIS_URL={services['redis'].address}")

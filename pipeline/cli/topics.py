@@ -23,10 +23,17 @@ def topics() -> None:
 @topics.command("apply")
 @bootstrap_option
 @prefix_option
-@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Folder of topic YAML files [env PIPELINE_TOPICS_DIR]")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Folder of topic YAML files [env PIPELINE_TOPICS_DIR]",
+)
 @click.option("--check", is_flag=True, help="Exit 3 when any topic has drifted")
-def apply_cmd(bootstrap: str | None, prefix: str | None, directory: str | None, check: bool) -> None:
+def apply_cmd(
+    bootstrap: str | None, prefix: str | None, directory: str | None, check: bool
+) -> None:
     """Create missing topics (idempotent) and report drift; never deletes data."""
     settings = load(TopicsSettings, prefix=prefix, dir=directory)
     specs = load_topic_specs(settings.dir)
@@ -35,7 +42,9 @@ def apply_cmd(bootstrap: str | None, prefix: str | None, directory: str | None, 
         click.echo(f"{action.topic}: {action.action}" + "".join(f"; {d}" for d in action.details))
     drifted = [a for a in actions if a.action == "drift"]
     if drifted:
-        click.echo(f"{len(drifted)} topic(s) drifted from their declaration (left as they are)", err=True)
+        click.echo(
+            f"{len(drifted)} topic(s) drifted from their declaration (left as they are)", err=True
+        )
         if check:
             raise SystemExit(3)
 

@@ -28,7 +28,9 @@ def test_explicit_overrides_beat_env_and_none_means_unset(monkeypatch: pytest.Mo
 
 def test_validation_error_names_field_and_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_KAFKA_SESSION_TIMEOUT_MS", "soon")
-    with pytest.raises(ConfigError, match=r"session_timeout_ms \(PIPELINE_KAFKA_SESSION_TIMEOUT_MS\)"):
+    with pytest.raises(
+        ConfigError, match=r"session_timeout_ms \(PIPELINE_KAFKA_SESSION_TIMEOUT_MS\)"
+    ):
         load(KafkaSettings)
 
 
@@ -56,3 +58,17 @@ def test_settings_are_frozen() -> None:
 
 def test_env_var_helper() -> None:
     assert env_var(StackSettings, "state_dir") == "PIPELINE_STACK_STATE_DIR"
+
+
+def test_configuration_reference_is_current() -> None:
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import cli
+
+    generated = CliRunner().invoke(cli, ["config", "docs"]).output
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert committed.strip() == generated.strip(), (
+        "run: pipeline config docs > docs/configuration.md"
+    )
