@@ -95,8 +95,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None,
-          log: Path | None) -> None:
+def _wait(
+    what: str,
+    check: Callable[[], bool],
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None,
+    log: Path | None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -191,7 +196,9 @@ class EmbeddedStack:
     def _write_state(self, services: dict[str, ServiceState]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"services": {k: asdict(v) for k, v in services.items()}}, indent=2))
+        tmp.write_text(
+            json.dumps({"services": {k: asdict(v) for k, v in services.items()}}, indent=2)
+        )
         tmp.replace(self.state_path)
 
     @property
@@ -213,7 +220,10 @@ class EmbeddedStack:
         log = self.state_dir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: survives the CLI, stopped as a group
             )
         return proc, log
@@ -221,17 +231,32 @@ class EmbeddedStack:
     def _start_broker(self, started: dict[str, ServiceState]) -> None:
         s = self.settings
         if s.bootstrap:
-            _wait(f"Kafka at {s.bootstrap}", lambda: broker_answers(s.bootstrap or ""),
-                  s.start_timeout_s, None, None)
+            _wait(
+                f"Kafka at {s.bootstrap}",
+                lambda: broker_answers(s.bootstrap or ""),
+                s.start_timeout_s,
+                None,
+                None,
+            )
             started["kafka"] = ServiceState("kafka", s.bootstrap, None)
             return
         binary = find_broker_binary()
         if port_in_use(s.host, s.broker_port):
-            raise StackError(f"broker port {s.host}:{s.broker_port} is in use "
-                             "(another stack? run `pipeline status`, or pass --broker-port)")
+            raise StackError(
+                f"broker port {s.host}:{s.broker_port} is in use "
+                "(another stack? run `pipeline status`, or pass --broker-port)"
+            )
         url = f"tcp://{s.host}:{s.broker_port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         proc, log = self._spawn("kafka", argv)
         address = f"{s.host}:{s.broker_port}"
         started["kafka"] = ServiceState("kafka", address, proc.pid, tuple(argv), str(log))
@@ -240,16 +265,36 @@ class EmbeddedStack:
     def _start_redis(self, started: dict[str, ServiceState]) -> None:
         s = self.settings
         if s.redis_url:
-            _wait(f"Redis at {s.redis_url}", lambda: redis_answers(s.redis_url or ""),
-                  s.start_timeout_s, None, None)
+            _wait(
+                f"Redis at {s.redis_url}",
+                lambda: redis_answers(s.redis_url or ""),
+                s.start_timeout_s,
+                None,
+                None,
+            )
             started["redis"] = ServiceState("redis", s.redis_url, None)
             return
         binary = find_redis_binary()
         if port_in_use(s.host, s.redis_port):
-            raise StackError(f"redis port {s.host}:{s.redis_port} is in use "
-                             "(another stack? run `pipeline status`, or pass --redis-port)")
-        argv = [binary, "--port", str(s.redis_port), "--bind", s.host, "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.state_dir.resolve())]
+            raise StackError(
+                f"redis port {s.host}:{s.redis_port} is in use "
+                "(another stack? run `pipeline status`, or pass --redis-port)"
+            )
+        argv = [
+            binary,
+            "--port",
+            str(s.redis_port),
+            "--bind",
+            s.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.state_dir.resolve()),
+        ]
         proc, log = self._spawn("redis", argv)
         url = f"redis://{s.host}:{s.redis_port}/0"
         started["redis"] = ServiceState("redis", url, proc.pid, tuple(argv), str(log))
@@ -264,10 +309,16 @@ class EmbeddedStack:
             probe.unlink()
         except OSError as exc:
             raise StackError(f"state dir {self.state_dir} is not writable: {exc}") from None
-        running = {n: s for n, s in self.read_state().items() if s.pid is None or _pid_runs(s.pid, s.argv[0])}
+        running = {
+            n: s
+            for n, s in self.read_state().items()
+            if s.pid is None or _pid_runs(s.pid, s.argv[0])
+        }
         if running:
             names = ", ".join(f"{s.name} ({s.address})" for s in running.values())
-            raise StackError(f"a stack is already up in {self.state_dir}: {names} (`pipeline down` first)")
+            raise StackError(
+                f"a stack is already up in {self.state_dir}: {names} (`pipeline down` first)"
+            )
         started: dict[str, ServiceState] = {}
         try:
             self._start_broker(started)
@@ -303,6 +354,14 @@ class EmbeddedStack:
             if alive:
                 with contextlib.suppress(Exception):
                     answering = check(svc.address, 1.0)
-            rows.append({"name": svc.name, "address": svc.address, "pid": svc.pid,
-                         "running": alive, "answering": answering, "log": svc.log})
+            rows.append(
+                {
+                    "name": svc.name,
+                    "address": svc.address,
+                    "pid": svc.pid,
+                    "running": alive,
+                    "answering": answering,
+                    "log": svc.log,
+                }
+            )
         return rows

@@ -71,7 +71,9 @@ def _spec_from_doc(doc: Any, path: Path) -> TopicSpec:
         raise TopicsError(f"{path}: expected a mapping with keys {sorted(TOPIC_KEYS)}")
     unknown = set(doc) - TOPIC_KEYS
     if unknown:
-        raise TopicsError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOPIC_KEYS)}")
+        raise TopicsError(
+            f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOPIC_KEYS)}"
+        )
     for key in ("name", "partitions"):
         if key not in doc:
             raise TopicsError(f"{path}: missing required key '{key}'")
@@ -179,7 +181,9 @@ def apply_topics(
         new = NewTopic(name, spec.partitions, replication, config=dict(spec.configs))
         to_create[name] = (spec, new)
     if to_create:
-        futures = admin.create_topics([new for _, new in to_create.values()], request_timeout=timeout)
+        futures = admin.create_topics(
+            [new for _, new in to_create.values()], request_timeout=timeout
+        )
         for name, future in futures.items():
             spec = to_create[name][0]
             try:
@@ -190,7 +194,7 @@ def apply_topics(
                     actions.append(TopicAction(name, "exists"))
                     continue
                 raise TopicsError(f"creating topic {name} failed: {error.str()}") from None
-            note = ()
+            note: tuple[str, ...] = ()
             if spec.replication > brokers:
                 note = (f"replication {spec.replication} capped to {brokers} (broker count)",)
             actions.append(TopicAction(name, "created", note))

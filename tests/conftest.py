@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import StackSettings
-from pipeline.stack import EmbeddedStack, StackError, find_broker_binary, find_redis_binary, free_port
+from pipeline.stack import (
+    EmbeddedStack,
+    StackError,
+    find_broker_binary,
+    find_redis_binary,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

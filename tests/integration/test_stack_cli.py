@@ -30,14 +30,22 @@ def _binaries() -> None:
 
 def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-        timeout=60, env=env, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 
 def _ports_args(state: Path) -> tuple[list[str], int, int]:
     broker, redis_port = free_port(), free_port()
-    return ["--state-dir", str(state), "--broker-port", str(broker), "--redis-port", str(redis_port)], broker, redis_port
+    return (
+        ["--state-dir", str(state), "--broker-port", str(broker), "--redis-port", str(redis_port)],
+        broker,
+        redis_port,
+    )
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
@@ -59,7 +67,10 @@ def test_up_status_topics_down(tmp_path: Path) -> None:
     assert up.stdout.count(": created") == 6
     import json
 
-    pids = [svc["pid"] for svc in json.loads((tmp_path / "state" / "stack.json").read_text())["services"].values()]
+    pids = [
+        svc["pid"]
+        for svc in json.loads((tmp_path / "state" / "stack.json").read_text())["services"].values()
+    ]
     try:
         status = _pipeline("status", "--state-dir", str(tmp_path / "state"))
         assert status.returncode == 0, status.stdout + status.stderr

@@ -12,7 +12,9 @@ from pipeline.topics import apply_topics, load_topic_specs
 pytestmark = pytest.mark.integration
 
 
-def test_apply_creates_all_topics_then_is_idempotent(kafka_conf: dict[str, object], topic_prefix: str) -> None:
+def test_apply_creates_all_topics_then_is_idempotent(
+    kafka_conf: dict[str, object], topic_prefix: str
+) -> None:
     specs = load_topic_specs()
     first = apply_topics(kafka_conf, specs, prefix=topic_prefix)
     assert {a.action for a in first} == {"created"}
@@ -49,7 +51,14 @@ def test_cli_apply_and_list(kafka_bootstrap: str, topic_prefix: str) -> None:
     listed = runner.invoke(cli, ["topics", "list", *args])
     assert listed.exit_code == 0, listed.output
     assert "missing" not in listed.output
-    for name in ("events.impressions", "events.clicks", "samples", "samples.dlq", "model.updates", "metrics"):
+    for name in (
+        "events.impressions",
+        "events.clicks",
+        "samples",
+        "samples.dlq",
+        "model.updates",
+        "metrics",
+    ):
         assert f"{topic_prefix}{name} " in listed.output
 
 

@@ -9,7 +9,12 @@ from pipeline.topics import TopicsError, load_topic_specs
 pytestmark = pytest.mark.unit
 
 ARCHITECTURE_TOPICS = {
-    "events.impressions", "events.clicks", "samples", "samples.dlq", "model.updates", "metrics",
+    "events.impressions",
+    "events.clicks",
+    "samples",
+    "samples.dlq",
+    "model.updates",
+    "metrics",
 }
 
 
