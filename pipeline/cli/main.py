@@ -46,13 +46,14 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import config, stack, topics
+    from pipeline.cli import config, smoke, stack, topics
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
     cli.add_command(stack.status)
     cli.add_command(topics.topics)
     cli.add_command(config.config)
+    cli.add_command(smoke.smoke)
 
 
 _register()
