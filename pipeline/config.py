@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "ALL_SETTINGS",
     "KafkaSettings",
+    "PSSettings",
     "RedisSettings",
     "StackSettings",
     "TopicsSettings",
@@ -137,11 +138,35 @@ class TopicsSettings(BaseSettings):
     )
 
 
+class PSSettings(BaseSettings):
+    """A parameter-server shard server (``pipeline ps``)."""
+
+    model_config = _settings("PIPELINE_PS_")
+
+    shard: int = Field(0, ge=0, description="This server's shard index (0-based)")
+    shards: int = Field(1, ge=1, le=4096, description="Total number of shards of every table")
+    tables: Path | None = Field(
+        None, description="YAML file of table specs (default: the repository's deploy/tables.yaml)"
+    )
+    data_dir: Path | None = Field(
+        None, description="Checkpoints and the SSD tier; unset = memory only, no crash recovery"
+    )
+    hot_budget_rows: int | None = Field(
+        None, ge=1, description="Rows kept in memory per table; the rest go to the SSD tier"
+    )
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="Seconds between checkpoints")
+    shrink_interval_s: float = Field(3600.0, gt=0, description="Seconds between decay/eviction")
+    read_count: int = Field(64, ge=1, description="Stream entries read per round")
+    block_ms: int = Field(100, ge=1, description="How long one read waits for new entries")
+    cold_block_cache_mb: int = Field(512, ge=8, description="RocksDB block cache of the SSD tier")
+
+
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
     RedisSettings,
     StackSettings,
     TopicsSettings,
+    PSSettings,
 )
 
 _S = TypeVar("_S", bound=BaseSettings)

@@ -46,7 +46,7 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import config, smoke, stack, topics
+    from pipeline.cli import config, ps, smoke, stack, topics
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
@@ -54,6 +54,7 @@ def _register() -> None:
     cli.add_command(topics.topics)
     cli.add_command(config.config)
     cli.add_command(smoke.smoke)
+    cli.add_command(ps.ps)
 
 
 _register()

@@ -2,8 +2,8 @@
 
 Pull: ids are routed to shards and read with one MGET per shard, all shards in
 one pipelined round trip; misses come back as zeros plus a miss mask. Push: one
-stream entry per shard, after a back-pressure check (a trainer waits while a
-shard's stream is longer than ``max_stream_len``, which bounds staleness).
+stream entry per shard, after a back-pressure check (a trainer waits while
+``max_inflight`` of its pushes are not yet applied, which bounds staleness).
 Works with ``redis.Redis`` and ``redis.RedisCluster`` (keys are hash-tagged).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +60,16 @@ class PSClient:
         client: Any,
         routes: Mapping[str, TableRoute] | None = None,
         trainer_id: str = "trainer-0",
-        max_stream_len: int = 256,
+        max_inflight: int = 8,
         backpressure_timeout_s: float = 120.0,
     ) -> None:
         self.redis = client
         self.routes: dict[str, TableRoute] = dict(routes or {})
         self.trainer_id = trainer_id
-        self.max_stream_len = max_stream_len
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        self.max_inflight = max_inflight
+        self._inflight: deque[PushReceipt] = deque()
         self.backpressure_timeout_s = backpressure_timeout_s
         self._seq = 0
         self._keys: dict[tuple[str, int], ShardKeys] = {}
@@ -128,27 +132,23 @@ class PSClient:
         ):
             raise StreamEntryError("non_finite", "values, shows or clicks contain NaN or inf")
 
-    def _wait_for_room(self, streams: list[bytes]) -> None:
-        deadline = time.monotonic() + self.backpressure_timeout_s
-        delay = 0.002
-        while True:
-            pipe = self.redis.pipeline(transaction=False)
-            for stream in streams:
-                pipe.xlen(stream)
-            full = [
-                s for s, n in zip(streams, pipe.execute(), strict=True) if n >= self.max_stream_len
-            ]
-            if not full:
-                return
-            self.backpressure_waits += 1
-            if time.monotonic() > deadline:
+    def _wait_for_room(self) -> None:
+        """Back-pressure: wait until at most ``max_inflight - 1`` of our pushes are unapplied.
+
+        Counting our own unapplied pushes (rather than stream length, which
+        includes applied entries kept for replay) bounds staleness exactly: no
+        trainer runs more than ``max_inflight`` pushes ahead of the servers.
+        """
+        while len(self._inflight) >= self.max_inflight:
+            oldest = self._inflight[0]
+            try:
+                self.wait_applied(oldest, timeout_s=self.backpressure_timeout_s)
+            except TimeoutError as exc:
                 raise BackPressureTimeout(
-                    f"streams {[s.decode() for s in full]} stayed at >= {self.max_stream_len} "
-                    "entries "
-                    f"for {self.backpressure_timeout_s:g} s: is every shard server running?"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+                    f"{exc}: is every shard server of {oldest.table!r} running?"
+                ) from None
+            self._inflight.popleft()
+            self.backpressure_waits += 1
 
     def push(
         self,
@@ -181,7 +181,7 @@ class PSClient:
         self._seq += 1
         parts = [(s, pos) for s, pos in enumerate(split_by_shard(ids, route.shards)) if len(pos)]
         streams = [self.keys(table, s).stream for s, _ in parts]
-        self._wait_for_room(streams)
+        self._wait_for_room()
         pipe = self.redis.pipeline(transaction=False)
         for (_shard, pos), stream in zip(parts, streams, strict=True):
             entry = Push(
@@ -199,6 +199,7 @@ class PSClient:
         receipt = PushReceipt(table)
         for (shard, _), entry_id in zip(parts, pipe.execute(), strict=True):
             receipt.entries[shard] = entry_id
+        self._inflight.append(receipt)
         return receipt
 
     def barrier(
@@ -237,6 +238,7 @@ class PSClient:
         """Block until every shard has applied its entry of ``receipt``."""
         deadline = time.monotonic() + timeout_s
         pending = {s: stream_id_tuple(e) for s, e in receipt.entries.items()}
+        delay = 0.001
         while pending:
             pending = {s: e for s, e in pending.items() if self.applied(receipt.table, s) < e}
             if not pending:
@@ -245,7 +247,14 @@ class PSClient:
                 raise TimeoutError(
                     f"shards {sorted(pending)} of {receipt.table} did not apply in {timeout_s:g} s"
                 )
-            time.sleep(0.005)
+            time.sleep(delay)
+            delay = min(2 * delay, 0.02)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until every push of this client is applied."""
+        while self._inflight:
+            self.wait_applied(self._inflight[0], timeout_s)
+            self._inflight.popleft()
 
     # -- dense -------------------------------------------------------------
     def pull_dense(self, name: str) -> tuple[int, dict[str, np.ndarray]]:

@@ -1,0 +1,316 @@
+"""The shard server: single writer of one shard of every table.
+
+Loop: read the shard's grad streams (consumer group ``ps``), decode and apply
+each entry to the :class:`~pipeline.ps.table.ShardTable`, write the changed
+weights to the pull view, record the applied stream id, ack. Bad entries are
+counted by reason and acked, never applied partially, never fatal.
+
+Durability (the guarantee): with a ``data_dir``, the server checkpoints each
+table (both tiers) every ``checkpoint_interval_s`` together with the last
+applied stream id, and trims a stream only up to its last checkpoint. A server
+killed at any point restarts from that checkpoint and re-reads every entry
+after it, so no acknowledged push (an XADD that returned) is lost while Redis
+keeps its data; each is applied exactly once to the restored state. Without a
+``data_dir`` the table lives in memory only and streams are trimmed as soon as
+entries are applied: a crash loses the table (Redis still serves the last
+weights). If Redis itself is flushed, the server rebuilds the pull view and
+its consumer groups from its table; pushes still in the lost streams are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.ps import pullview
+from pipeline.ps.accessor import Clock, system_clock
+from pipeline.ps.client import registry_key
+from pipeline.ps.export import export_table, import_table
+from pipeline.ps.gradstream import StreamEntryError, decode_push, stream_id_tuple
+from pipeline.ps.keys import ShardKeys
+from pipeline.ps.spec import TableSpec
+from pipeline.ps.table import PushRejected, ShardTable
+
+__all__ = ["GROUP", "ServerOptions", "ShardServer"]
+
+log = logging.getLogger(__name__)
+
+GROUP = b"ps"
+CURRENT = "CURRENT"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Tunables of a shard server (set from PSSettings by the CLI)."""
+
+    data_dir: Path | None = None
+    hot_budget_rows: int | None = None
+    checkpoint_interval_s: float = 30.0
+    shrink_interval_s: float = 3600.0
+    read_count: int = 64
+    block_ms: int = 100
+    cold_block_cache_bytes: int = 512 << 20
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class _Shard:
+    """One table's state inside the server."""
+
+    spec: TableSpec
+    keys: ShardKeys
+    table: ShardTable
+    applied: bytes = b"0-0"
+    checkpointed: bytes = b"0-0"
+    dirty: bool = False
+
+
+@dataclass
+class ServerStats:
+    """Counters a server exposes (also mirrored into the meta hash in Redis)."""
+
+    entries: int = 0
+    rows: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    checkpoints: int = 0
+    rebuilds: int = 0
+
+
+class ShardServer:
+    """Owns shard ``shard`` of ``shards`` for every table in ``specs``."""
+
+    def __init__(
+        self,
+        client: Any,
+        specs: Sequence[TableSpec],
+        shard: int,
+        shards: int,
+        options: ServerOptions | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+        self.redis = client
+        self.shard, self.shards = shard, shards
+        self.options = options or ServerOptions()
+        self.clock = clock
+        self.consumer = f"shard-{shard}".encode()
+        self.stats = ServerStats()
+        self._tables = {spec.name: self._open(spec) for spec in specs}
+        self._last_checkpoint = time.monotonic()
+        self._last_shrink = time.monotonic()
+
+    # -- setup ---------------------------------------------------------------
+    def _dir(self, spec: TableSpec) -> Path | None:
+        if self.options.data_dir is None:
+            return None
+        return Path(self.options.data_dir) / spec.name / f"shard-{self.shard}-of-{self.shards}"
+
+    def _open(self, spec: TableSpec) -> _Shard:
+        directory = self._dir(spec)
+        cold = None
+        if directory is not None and self.options.hot_budget_rows is not None:
+            from pipeline.ps.tiers.ssd import SsdTier
+
+            cold_dir = directory / "cold"
+            shutil.rmtree(cold_dir, ignore_errors=True)  # the checkpoint is the truth
+            width = ShardTable(spec).cold_width
+            cold = SsdTier(cold_dir, width, block_cache_bytes=self.options.cold_block_cache_bytes)
+        table = ShardTable(spec, cold, self.options.hot_budget_rows, self.clock)
+        state = _Shard(spec, ShardKeys(spec.name, self.shard), table)
+        if directory is not None and (directory / CURRENT).exists():
+            info = json.loads((directory / CURRENT).read_text())
+            rows = import_table(table, directory / info["checkpoint"])
+            state.applied = state.checkpointed = info["stream_id"].encode()
+            log.info("%s: restored %d rows from %s", state.keys.tag, rows, info["checkpoint"])
+        return state
+
+    def start(self) -> None:
+        """Register tables, position consumer groups, publish the pull view."""
+        for state in self._tables.values():
+            self._register(state)
+            self._position_group(state)
+            self._rebuild_pull_view(state)
+
+    def _register(self, state: _Shard) -> None:
+        info = {"dim": state.spec.dim, "shards": self.shards}
+        key = registry_key(state.spec.name)
+        current = self.redis.get(key)
+        if current is not None and json.loads(current) != info:
+            raise RuntimeError(
+                f"table {state.spec.name} is registered as {json.loads(current)}, "
+                f"this server has {info}: mismatched --shards or table spec"
+            )
+        self.redis.set(key, json.dumps(info))
+
+    def _position_group(self, state: _Shard) -> None:
+        """Deliver every entry after what the table already holds (replay after restart)."""
+        import redis
+
+        try:
+            self.redis.xgroup_create(state.keys.stream, GROUP, id=state.applied, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            self.redis.xgroup_setid(state.keys.stream, GROUP, id=state.applied)
+
+    def _rebuild_pull_view(self, state: _Shard) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        written = 0
+        for batch in state.table.export_rows():
+            ids, weights = batch.ids[batch.admitted], batch.weights[batch.admitted]
+            pullview.write_rows(pipe, state.keys, ids, weights)
+            written += len(ids)
+            if len(pipe) > 64:
+                pipe.execute()
+        pipe.hset(state.keys.meta, mapping={b"applied": state.applied, b"rows": len(state.table)})
+        pipe.execute()
+        log.info("%s: pull view holds %d admitted rows", state.keys.tag, written)
+
+    # -- the loop ------------------------------------------------------------
+    def step(self) -> int:
+        """Read and apply one round of entries from every table's stream; returns entries read."""
+        import redis
+
+        streams = {s.keys.stream: b">" for s in self._tables.values()}
+        try:
+            reply = self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                streams,
+                count=self.options.read_count,
+                block=self.options.block_ms,
+            )
+        except redis.ConnectionError as exc:
+            log.warning("Redis unreachable (%s); retrying", exc)
+            time.sleep(0.5)
+            return 0
+        except redis.ResponseError as exc:
+            # NOGROUP: the group is gone; UNBLOCKED: the stream vanished while we waited.
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            log.warning("consumer groups are gone (Redis flushed or restarted): rebuilding")
+            self.stats.rebuilds += 1
+            self.start()
+            return 0
+        by_stream = {s.keys.stream: s for s in self._tables.values()}
+        total = 0
+        for stream, entries in reply or []:
+            state = by_stream[stream if isinstance(stream, bytes) else stream.encode()]
+            total += self._apply_entries(state, entries)
+        self._maintain()
+        return total
+
+    def _apply_entries(self, state: _Shard, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        changed_ids: list[np.ndarray] = []
+        changed_w: list[np.ndarray] = []
+        barriers: dict[bytes, bytes] = {}
+        for entry_id, fields in entries:
+            try:
+                push = decode_push(fields, state.spec.dim)
+                if push.kind == "barrier":
+                    barriers[f"barrier:{push.barrier}".encode()] = entry_id
+                    continue
+                apply = state.table.apply_delta if push.kind == "delta" else state.table.apply_push
+                result = apply(push.ids, push.values, push.shows, push.clicks)
+            except (StreamEntryError, PushRejected) as exc:
+                reason = exc.reason if isinstance(exc, StreamEntryError) else str(exc.reason.value)
+                self.stats.rejected[reason] += 1
+                log.warning("%s: rejected entry %r: %s", state.keys.tag, entry_id, exc)
+                continue
+            changed_ids.append(result.changed_ids)
+            changed_w.append(result.changed_weights)
+            self.stats.rows += len(push.ids)
+        self.stats.entries += len(entries)
+        state.applied = entries[-1][0]
+        state.dirty = True
+        pipe = self.redis.pipeline(transaction=False)
+        if changed_ids:
+            ids = np.concatenate(changed_ids)
+            weights = np.concatenate(changed_w)
+            # The same id may change in several entries: keep its last weights.
+            _, last_rev = np.unique(ids[::-1], return_index=True)
+            keep = len(ids) - 1 - last_rev
+            pullview.write_rows(pipe, state.keys, ids[keep], weights[keep])
+        meta: dict[bytes, Any] = {b"applied": state.applied, b"rows": len(state.table), **barriers}
+        for reason, count in self.stats.rejected.items():
+            meta[f"rejected:{reason}".encode()] = count
+        pipe.hset(state.keys.meta, mapping=meta)
+        pipe.xack(state.keys.stream, GROUP, *[entry_id for entry_id, _ in entries])
+        if self.options.data_dir is None:  # nothing to replay from: trim what is applied
+            pipe.xtrim(state.keys.stream, minid=state.applied)
+        pipe.execute()
+        return len(entries)
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_shrink >= self.options.shrink_interval_s:
+            self._last_shrink = now
+            self.shrink()
+        if (
+            self.options.data_dir is not None
+            and now - self._last_checkpoint >= self.options.checkpoint_interval_s
+        ):
+            self.checkpoint()
+
+    def shrink(self) -> int:
+        """Decay statistics, delete expired rows from both tiers and the pull view."""
+        deleted = 0
+        for state in self._tables.values():
+            ids = state.table.shrink(self.clock())
+            if len(ids):
+                pipe = self.redis.pipeline(transaction=False)
+                pullview.delete_rows(pipe, state.keys, ids)
+                pipe.execute()
+                state.dirty = True
+            deleted += len(ids)
+        return deleted
+
+    def checkpoint(self) -> None:
+        """Save every changed table with its applied stream id, then trim its stream."""
+        self._last_checkpoint = time.monotonic()
+        for state in self._tables.values():
+            directory = self._dir(state.spec)
+            if directory is None or not state.dirty:
+                continue
+            name = "ckpt-" + state.applied.decode()
+            export_table(state.table, directory / name, overwrite=True)
+            tmp = directory / (CURRENT + ".tmp")
+            tmp.write_text(json.dumps({"checkpoint": name, "stream_id": state.applied.decode()}))
+            tmp.replace(directory / CURRENT)
+            state.checkpointed, state.dirty = state.applied, False
+            self.stats.checkpoints += 1
+            self.redis.xtrim(state.keys.stream, minid=state.checkpointed)
+            old = sorted(directory.glob("ckpt-*"), key=lambda p: stream_id_tuple(p.name[5:]))
+            for stale in old[: -self.options.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def run(self, stop: threading.Event, on_step: Callable[[int], None] | None = None) -> None:
+        """Serve until ``stop`` is set; checkpoints once more on the way out."""
+        self.start()
+        while not stop.is_set():
+            applied = self.step()
+            if on_step is not None:
+                on_step(applied)
+        if self.options.data_dir is not None:
+            self.checkpoint()
+
+    def table(self, name: str) -> ShardTable:
+        """The shard table of ``name`` (tests and tools)."""
+        return self._tables[name].table
+
+    def close(self) -> None:
+        for state in self._tables.values():
+            cold = state.table.cold_tier
+            if cold is not None:
+                cold.close()
