@@ -52,6 +52,12 @@ class PushReceipt:
     entries: dict[int, bytes] = field(default_factory=dict)
 
 
+def _is_single_node(client: Any) -> bool:
+    import redis
+
+    return isinstance(client, redis.Redis)
+
+
 class PSClient:
     """Routes pulls and pushes of sparse rows to shards through Redis."""
 
@@ -72,6 +78,10 @@ class PSClient:
         self._inflight: deque[PushReceipt] = deque()
         self.backpressure_timeout_s = backpressure_timeout_s
         self._seq = 0
+        # Plain (non-cluster) clients expose a connection pool we can send raw RESP on.
+        self._raw_pool = (
+            getattr(client, "connection_pool", None) if _is_single_node(client) else None
+        )
         self._keys: dict[tuple[str, int], ShardKeys] = {}
         self.backpressure_waits = 0
 
@@ -97,17 +107,46 @@ class PSClient:
         """(weights float32[n, dim], found bool[n]) for ``ids``; misses are zeros."""
         route = self.route(table)
         ids = np.asarray(ids, dtype=np.uint64)
+        if len(ids) == 0:
+            return np.zeros((0, route.dim), np.float32), np.zeros(0, bool)
+        if route.shards == 1 and self._raw_pool is not None:
+            return decode_rows(
+                self._raw_mget([self.keys(table, 0).mget_command(ids)])[0], route.dim
+            )
         weights = np.zeros((len(ids), route.dim), dtype=np.float32)
         found = np.zeros(len(ids), dtype=bool)
         parts = [(s, pos) for s, pos in enumerate(split_by_shard(ids, route.shards)) if len(pos)]
         if not parts:
             return weights, found
-        pipe = self.redis.pipeline(transaction=False)
-        for shard, pos in parts:
-            pipe.mget(self.keys(table, shard).pull_keys(ids[pos]))
-        for (_, pos), values in zip(parts, pipe.execute(), strict=True):
+        if self._raw_pool is not None:
+            replies = self._raw_mget(
+                [self.keys(table, s).mget_command(ids[pos]) for s, pos in parts]
+            )
+        else:  # Redis Cluster: let redis-py route each MGET to its node
+            pipe = self.redis.pipeline(transaction=False)
+            for shard, pos in parts:
+                pipe.mget(self.keys(table, shard).pull_keys(ids[pos]))
+            replies = pipe.execute()
+        for (_, pos), values in zip(parts, replies, strict=True):
             weights[pos], found[pos] = decode_rows(values, route.dim)
         return weights, found
+
+    def _raw_mget(self, commands: list[bytes]) -> list[list[bytes | None]]:
+        """Send pre-encoded MGETs in one round trip on a pooled connection; read the replies."""
+        assert self._raw_pool is not None
+        conn = self._raw_pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(commands)])
+            replies = [conn.read_response() for _ in commands]
+        except BaseException:
+            conn.disconnect()  # the stream may hold unread replies: never reuse it
+            raise
+        finally:
+            self._raw_pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     # -- push --------------------------------------------------------------
     def _validate(

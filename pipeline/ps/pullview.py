@@ -23,12 +23,13 @@ WRITE_CHUNK = 4096  # keys per MSET: bounded command size, no long Redis stalls
 def decode_rows(values: list[bytes | None], dim: int) -> tuple[np.ndarray, np.ndarray]:
     """MGET replies -> (weights float32[n, dim] with zeros for misses, found mask)."""
     n = len(values)
-    found = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+    # map/filter with builtins: no Python-level loop body per row (values are never b"").
+    found = np.fromiter(map(bool, values), dtype=bool, count=n)
     weights = np.zeros((n, dim), dtype=np.float32)
-    present = [v for v in values if v is not None]
-    if present:
-        joined = b"".join(present)
-        if len(joined) != len(present) * dim * 4:
+    hits = int(found.sum())
+    if hits:
+        joined = b"".join(filter(None, values))
+        if len(joined) != hits * dim * 4:
             bad = next(i for i, v in enumerate(values) if v is not None and len(v) != dim * 4)
             raise ValueError(
                 f"pull view value {bad} has {len(values[bad] or b'')} bytes, expected {dim * 4}"

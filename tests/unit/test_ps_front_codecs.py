@@ -164,3 +164,12 @@ def test_truncated_dense_blob_is_rejected() -> None:
         unpack_tensors(blob[:-1])
     with pytest.raises(ValueError, match="trailing"):
         unpack_tensors(blob + b"x")
+
+
+@given(u64.filter(len))
+def test_raw_mget_command_equals_redis_py_packing(ids: np.ndarray) -> None:
+    from redis.connection import PythonRespSerializer
+
+    keys = ShardKeys("wide", 12)
+    packed = PythonRespSerializer(65536, lambda x: x).pack("MGET", *keys.pull_keys(ids))
+    assert keys.mget_command(ids) == b"".join(packed)
