@@ -64,7 +64,8 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
         print(
             "  "
             + "  ".join(
-                c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))
+                c.rjust(w) if j else c.ljust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=False))
             )
         )
         if i == 0:

@@ -24,12 +24,12 @@ import numpy as np
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, private_redis, rss_mb  # noqa: E402
+from _common import print_table, private_redis, rss_mb
 
-from pipeline.ps.client import PSClient, TableRoute  # noqa: E402
-from pipeline.ps.keys import ShardKeys, row_bytes  # noqa: E402
-from pipeline.ps.server import ServerOptions, ShardServer  # noqa: E402
-from pipeline.ps.spec import TableSpec  # noqa: E402
+from pipeline.ps.client import PSClient, TableRoute
+from pipeline.ps.keys import ShardKeys, row_bytes
+from pipeline.ps.server import ServerOptions, ShardServer
+from pipeline.ps.spec import TableSpec
 
 BATCH = 4096
 
@@ -216,7 +216,8 @@ def main() -> None:
         raw = raw_layouts(r, args.keys, args.dim)
         ps = ps_client_rates(url, args.keys, args.dim)
         print_table(
-            f"Pull-view layouts, raw redis-py, {args.keys:,} keys of {args.dim * 4} B, batches of {BATCH}",
+            f"Pull-view layouts, raw redis-py, {args.keys:,} keys of {args.dim * 4} B, "
+            f"batches of {BATCH}",
             ["operation", "keys/s", "Redis bytes/key"],
             [
                 ["MSET (key per row)", raw["MSET"], ""],
@@ -243,7 +244,8 @@ def main() -> None:
             names = list(mem)
             rows = [[n, mem[n], ssd[n], ssd[n] / mem[n] if mem[n] else ""] for n in names]
             print_table(
-                f"Growth to {args.grow_rows:,} rows: all in memory vs hot budget {budget:,} + SSD tier",
+                f"Growth to {args.grow_rows:,} rows: all in memory vs "
+                f"hot budget {budget:,} + SSD tier",
                 ["metric", "in memory", "budget+SSD", "ratio"],
                 rows,
             )
