@@ -101,3 +101,17 @@ def test_hosts_ports_and_env_agree(compose: dict[str, Any]) -> None:
 
     largest = max(int(s.configs.get("max.message.bytes", 0)) for s in load_topic_specs())
     assert int(kafka_env["KAFKA_MESSAGE_MAX_BYTES"]) >= largest
+
+
+def test_ps_shards_cover_every_index_once(compose: dict[str, Any]) -> None:
+    shards = []
+    for name, svc in _project_services(compose).items():
+        command = [str(c) for c in svc["command"]]
+        if command[0] == "ps":
+            total = int(command[command.index("--shards") + 1])
+            shards.append((int(command[command.index("--shard") + 1]), total))
+            assert any(v.endswith(":/data") for v in svc.get("volumes", [])), f"{name}: no data volume"
+    assert shards, "no parameter-server shard service"
+    totals = {t for _, t in shards}
+    assert len(totals) == 1, f"services disagree on --shards: {totals}"
+    assert sorted(s for s, _ in shards) == list(range(totals.pop()))
