@@ -110,7 +110,9 @@ def test_ps_shards_cover_every_index_once(compose: dict[str, Any]) -> None:
         if command[0] == "ps":
             total = int(command[command.index("--shards") + 1])
             shards.append((int(command[command.index("--shard") + 1]), total))
-            assert any(v.endswith(":/data") for v in svc.get("volumes", [])), f"{name}: no data volume"
+            assert any(v.endswith(":/data") for v in svc.get("volumes", [])), (
+                f"{name}: no data volume"
+            )
     assert shards, "no parameter-server shard service"
     totals = {t for _, t in shards}
     assert len(totals) == 1, f"services disagree on --shards: {totals}"
