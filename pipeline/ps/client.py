@@ -125,7 +125,8 @@ class PSClient:
         else:  # Redis Cluster: let redis-py route each MGET to its node
             pipe = self.redis.pipeline(transaction=False)
             for shard, pos in parts:
-                pipe.mget(self.keys(table, shard).pull_keys(ids[pos]))
+                # execute_command: cluster pipelines refuse .mget(); one slot per shard here
+                pipe.execute_command("MGET", *self.keys(table, shard).pull_keys(ids[pos]))
             replies = pipe.execute()
         for (_, pos), values in zip(parts, replies, strict=True):
             weights[pos], found[pos] = decode_rows(values, route.dim)

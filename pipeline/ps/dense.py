@@ -69,23 +69,22 @@ def pull_dense(client: Any, name: str) -> tuple[int, dict[str, np.ndarray]]:
     return int(version), unpack_tensors(blob)
 
 
+# Atomic compare-and-bump of one key: works on a single node and on Redis Cluster
+# (unlike WATCH/MULTI, which cluster pipelines do not support).
+_PUSH_SCRIPT = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= v then return -1 - v end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'blob', ARGV[1])
+return v + 1
+"""
+
+
 def push_dense(
     client: Any, name: str, tensors: Mapping[str, np.ndarray], expected_version: int | None = None
 ) -> int:
     """Write a new version (previous + 1); with ``expected_version``, only if still current."""
-    import redis
-
-    key = dense_key(name)
-    blob = pack_tensors(tensors)
-    with client.pipeline(transaction=True) as pipe:
-        try:
-            pipe.watch(key)
-            current = int(pipe.hget(key, b"v") or 0)
-            if expected_version is not None and current != expected_version:
-                raise DenseConflict(f"dense {name}: version {current}, expected {expected_version}")
-            pipe.multi()
-            pipe.hset(key, mapping={b"v": current + 1, b"blob": blob})
-            pipe.execute()
-        except redis.WatchError:
-            raise DenseConflict(f"dense {name}: changed concurrently") from None
-    return current + 1
+    expected = "" if expected_version is None else str(expected_version)
+    result = int(client.eval(_PUSH_SCRIPT, 1, dense_key(name), pack_tensors(tensors), expected))
+    if result < 0:
+        raise DenseConflict(f"dense {name}: version {-1 - result}, expected {expected_version}")
+    return result

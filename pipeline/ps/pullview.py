@@ -62,4 +62,4 @@ def delete_rows(pipe: Any, keys: ShardKeys, ids: np.ndarray) -> None:
     """Queue DELs of ``ids`` (rows evicted or no longer served)."""
     names = keys.pull_keys(ids)
     for start in range(0, len(names), WRITE_CHUNK):
-        pipe.delete(*names[start : start + WRITE_CHUNK])
+        pipe.execute_command("DEL", *names[start : start + WRITE_CHUNK])

@@ -86,6 +86,12 @@ class ServerStats:
     rebuilds: int = 0
 
 
+def _single_node_type() -> type:
+    import redis
+
+    return redis.Redis
+
+
 class ShardServer:
     """Owns shard ``shard`` of ``shards`` for every table in ``specs``."""
 
@@ -106,6 +112,7 @@ class ShardServer:
         self.clock = clock
         self.consumer = f"shard-{shard}".encode()
         self.stats = ServerStats()
+        self._cluster = not isinstance(client, _single_node_type())
         self._tables = {spec.name: self._open(spec) for spec in specs}
         self._last_checkpoint = time.monotonic()
         self._last_shrink = time.monotonic()
@@ -182,15 +189,8 @@ class ShardServer:
         """Read and apply one round of entries from every table's stream; returns entries read."""
         import redis
 
-        streams = {s.keys.stream: b">" for s in self._tables.values()}
         try:
-            reply = self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                streams,
-                count=self.options.read_count,
-                block=self.options.block_ms,
-            )
+            reply = self._read()
         except redis.ConnectionError as exc:
             log.warning("Redis unreachable (%s); retrying", exc)
             time.sleep(0.5)
@@ -210,6 +210,28 @@ class ShardServer:
             total += self._apply_entries(state, entries)
         self._maintain()
         return total
+
+    def _read(self) -> list[Any]:
+        """One XREADGROUP over all streams; on Redis Cluster one per stream (their
+        hash tags differ, so a multi-stream read would cross slots)."""
+        streams = [s.keys.stream for s in self._tables.values()]
+        if not self._cluster:
+            reply = self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                dict.fromkeys(streams, b">"),
+                count=self.options.read_count,
+                block=self.options.block_ms,
+            )
+            return list(reply or [])
+        out: list[Any] = []
+        block = max(1, self.options.block_ms // len(streams))
+        for stream in streams:
+            reply = self.redis.xreadgroup(
+                GROUP, self.consumer, {stream: b">"}, count=self.options.read_count, block=block
+            )
+            out.extend(reply or [])
+        return out
 
     def _apply_entries(self, state: _Shard, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         changed_ids: list[np.ndarray] = []
