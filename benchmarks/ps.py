@@ -35,6 +35,7 @@ from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
 
 BATCH = 4096
+CACHE_MB = 64  # RocksDB block cache of the growth test's SSD tier
 
 
 def _spec(name: str, dim: int) -> TableSpec:
@@ -168,6 +169,7 @@ def grow(
         data_dir=data_dir,
         hot_budget_rows=budget,
         checkpoint_interval_s=1e9,
+        cold_block_cache_bytes=CACHE_MB << 20,  # RSS bound: hot rows + this cache + memtables
     )
     server = ShardServer(redis.Redis.from_url(url), [spec], 0, 1, options)
     server.start()
