@@ -46,7 +46,7 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import config, ps, smoke, stack, topics
+    from pipeline.cli import config, dlq, produce, ps, smoke, stack, topics
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
@@ -55,6 +55,8 @@ def _register() -> None:
     cli.add_command(config.config)
     cli.add_command(smoke.smoke)
     cli.add_command(ps.ps)
+    cli.add_command(produce.produce)
+    cli.add_command(dlq.dlq)
 
 
 _register()

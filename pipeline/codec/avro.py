@@ -28,8 +28,12 @@ SCHEMAS_DIR_ENV = "PIPELINE_SCHEMAS_DIR"
 def schemas_dir() -> Path:
     """Folder holding the ``.avsc`` files (env ``PIPELINE_SCHEMAS_DIR`` wins)."""
     env = os.environ.get(SCHEMAS_DIR_ENV)
-    if env:
-        return Path(env)
+    return Path(env) if env else _default_dir()
+
+
+@lru_cache(maxsize=1)
+def _default_dir() -> Path:
+    # resolve() touches the filesystem: once per process, not once per record.
     return Path(__file__).resolve().parents[2] / "schemas"
 
 
