@@ -23,7 +23,7 @@ from pipeline.codec import avro
 from pipeline.codec.errors import CodecError
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
-from pipeline.ingest.producer import Deliveries, ProducerStats, produce_message
+from pipeline.ingest.delivery import Deliveries, ProducerStats, produce_message
 
 __all__ = [
     "UNREADABLE",
