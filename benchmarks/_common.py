@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,38 +11,10 @@ from pathlib import Path
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     """A throwaway redis-server on a free port (no persistence); yields its URL."""
-    from pipeline.stack import find_redis_binary, free_port, redis_answers
+    from pipeline.stack import private_redis as spawn
 
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [
-                find_redis_binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            for _ in range(200):
-                with contextlib.suppress(Exception):
-                    if redis_answers(url):
-                        break
-                time.sleep(0.05)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with tempfile.TemporaryDirectory() as tmp, spawn(Path(tmp)) as url:
+        yield url
 
 
 def rss_mb() -> float:

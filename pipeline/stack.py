@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from typing import Any
 from pipeline.config import StackSettings
 from pipeline.errors import PipelineError
 
-__all__ = ["EmbeddedStack", "ServiceState", "StackError", "find_broker_binary", "find_redis_binary"]
+__all__ = [
+    "EmbeddedStack",
+    "ServiceState",
+    "StackError",
+    "find_broker_binary",
+    "find_redis_binary",
+    "private_redis",
+]
 
 STATE_FILE = "stack.json"
 
@@ -93,6 +100,44 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def redis_argv(binary: str, host: str, port: int, directory: Path) -> list[str]:
+    """A redis-server in the foreground on (host, port), without persistence."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        host,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(directory),
+    ]
+
+
+@contextlib.contextmanager
+def private_redis(directory: Path, timeout: float = 15.0) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (tests, benchmarks); yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        redis_argv(find_redis_binary(), "127.0.0.1", port, directory),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait(f"redis-server at {url}", lambda: redis_answers(url), timeout, proc, None)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _wait(
@@ -280,21 +325,7 @@ class EmbeddedStack:
                 f"redis port {s.host}:{s.redis_port} is in use "
                 "(another stack? run `pipeline status`, or pass --redis-port)"
             )
-        argv = [
-            binary,
-            "--port",
-            str(s.redis_port),
-            "--bind",
-            s.host,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(self.state_dir.resolve()),
-        ]
+        argv = redis_argv(binary, s.host, s.redis_port, self.state_dir.resolve())
         proc, log = self._spawn("redis", argv)
         url = f"redis://{s.host}:{s.redis_port}/0"
         started["redis"] = ServiceState("redis", url, proc.pid, tuple(argv), str(log))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from pipeline.cli.dlq import dlq
 from pipeline.codec import decode_batch
@@ -24,32 +24,9 @@ from pipeline.ingest.dlq import (
     read_dead_letters,
     replay_dead_letters,
 )
+from tests.kafkautil import drain
 
 pytestmark = pytest.mark.integration
-
-
-def drain(bootstrap: str, topic: str, until: int | None = None, timeout: float = 20.0) -> list[Any]:
-    """Messages of ``topic`` from the start up to its end (or until ``until`` arrived)."""
-    conf = {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.partition.eof": True}
-    cons = Consumer(conf)
-    parts = cons.list_topics(topic, timeout=10).topics[topic].partitions
-    cons.assign([TopicPartition(topic, p, 0) for p in parts])
-    got: list[Any] = []
-    at_end: set[int] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for msg in cons.consume(100, 0.2):
-                if msg.error() is None:
-                    got.append(msg)
-                    at_end.discard(msg.partition())
-                elif msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
-            if len(at_end) == len(parts) and (until is None or len(got) >= until):
-                break
-    finally:
-        cons.close()
-    return got
 
 
 @pytest.fixture

@@ -11,49 +11,18 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException, Producer
 
 from pipeline.cli.produce import produce
 from pipeline.codec import SlotConfig, avro, decode_batch, from_rows, hash64
 from pipeline.codec.errors import CodecError
 from pipeline.config import KafkaSettings
 from pipeline.ingest.producer import EventProducer, SampleProducer, partition_for
+from tests.kafkautil import drain
 
 pytestmark = pytest.mark.integration
 
 CONFIG = SlotConfig(("user", "item", "tags"), dense_dim=2)
-
-
-def drain(bootstrap: str, topic: str, until: int | None = None, timeout: float = 20.0) -> list[Any]:
-    """Messages of ``topic`` from the start: up to the end, or until ``until`` arrived."""
-    cons = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "unused",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    parts = cons.list_topics(topic, timeout=10).topics[topic].partitions
-    cons.assign([TopicPartition(topic, p, 0) for p in parts])
-    got: list[Any] = []
-    at_end: set[int] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for msg in cons.consume(100, 0.2):
-                if msg.error() is None:
-                    got.append(msg)
-                    at_end.discard(msg.partition())
-                elif msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
-                else:
-                    raise AssertionError(msg.error())
-            if len(at_end) == len(parts) and (until is None or len(got) >= until):
-                break
-    finally:
-        cons.close()
-    return got
 
 
 def sample_rows(msgs: list[Any], config: SlotConfig = CONFIG) -> list[dict[str, Any]]:

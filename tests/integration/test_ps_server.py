@@ -251,36 +251,10 @@ def test_client_rejects_bad_pushes_before_sending(redis_url: str, unique: str) -
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test alone (it gets flushed)."""
-    from pipeline.stack import find_redis_binary, free_port, redis_answers
+    from pipeline.stack import private_redis as spawn
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            find_redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            redis_answers(url)
-            break
-        except Exception:
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with spawn(tmp_path) as url:
+        yield url
 
 
 def test_server_rebuilds_pull_view_after_redis_flush(private_redis: str, unique: str) -> None:
