@@ -6,6 +6,10 @@ import click
 from pydantic_settings import BaseSettings
 
 from pipeline.config import ALL_SETTINGS, env_var, load
+from pipeline.joiner.settings import JoinerSettings
+
+# Role settings that live next to their role (config.py stays at the bottom layer).
+SETTINGS: tuple[type[BaseSettings], ...] = (*ALL_SETTINGS, JoinerSettings)
 
 __all__ = ["config"]
 
@@ -18,7 +22,7 @@ def config() -> None:
 @config.command("show")
 def show() -> None:
     """Print the settings in effect (secrets masked)."""
-    for cls in ALL_SETTINGS:
+    for cls in SETTINGS:
         click.echo(f"[{cls.__name__}]")
         for name, value in load(cls).model_dump().items():
             click.echo(f"  {env_var(cls, name)}={value}")
@@ -43,6 +47,6 @@ def docs() -> None:
         "environment variables; CLI flags override them. Secrets are never printed.",
         "",
     ]
-    for cls in ALL_SETTINGS:
+    for cls in SETTINGS:
         lines += _markdown(cls)
     click.echo("\n".join(lines).rstrip())

@@ -46,7 +46,7 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import config, dlq, produce, ps, replay, smoke, stack, topics
+    from pipeline.cli import config, dlq, join, produce, ps, replay, smoke, stack, topics
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
@@ -58,6 +58,7 @@ def _register() -> None:
     cli.add_command(produce.produce)
     cli.add_command(dlq.dlq)
     cli.add_command(replay.replay)
+    cli.add_command(join.join)
 
 
 _register()

@@ -1,0 +1,338 @@
+"""The confluent-kafka engine of the joiner: consume, join, produce, checkpoint.
+
+One consumer in group ``<prefix><app_id>`` reads both input topics with the range
+assignor, which hands out partition ``p`` of impressions and clicks together. Per
+input partition the state lives in a :class:`ChangelogStore` checkpoint with the
+input offsets it covers, written every ``checkpoint_interval_s`` after the outputs
+it accounts for are flushed. A restarted joiner loads the checkpoint, reads what it
+emitted after it (``samples`` and ``samples.dlq`` from the recorded positions) so
+those are not emitted twice, and replays its input from the checkpoint's offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pipeline.config import KafkaSettings
+from pipeline.errors import PipelineError
+from pipeline.joiner.checkpoint import ChangelogStore, ensure_compacted_topic, recover_outputs
+from pipeline.joiner.engine import JoinEngine, OutRecord, Topics
+from pipeline.joiner.logic import Counters, JoinConfig
+from pipeline.joiner.output import SampleBatcher
+from pipeline.joiner.settings import JoinerSettings
+from pipeline.kafka import consumer, producer
+
+__all__ = ["JoinRunner", "join_config", "topics_for"]
+
+log = logging.getLogger(__name__)
+
+
+def join_config(settings: JoinerSettings) -> JoinConfig:
+    """The pure join configuration of ``settings``."""
+    return JoinConfig(
+        slots=settings.slot_config(),
+        window_ms=settings.window_ms,
+        lateness_ms=settings.lateness_ms,
+        idle_ms=settings.idle_ms,
+        retention_ms=settings.retention_ms,
+        negative_rate=settings.negative_rate,
+        late_corrections=settings.late_corrections,
+    )
+
+
+def topics_for(settings: JoinerSettings, prefix: str) -> Topics:
+    """Physical topic names under ``prefix``."""
+    return Topics(
+        impressions=prefix + settings.impressions_topic,
+        clicks=prefix + settings.clicks_topic,
+        samples=prefix + settings.samples_topic,
+        dlq=prefix + settings.dlq_topic,
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JoinRunner:
+    """Runs the join until ``stop`` is set; at-least-once with replay dedup (docs/joiner.md)."""
+
+    def __init__(
+        self,
+        settings: JoinerSettings,
+        kafka: KafkaSettings,
+        prefix: str = "",
+        clock: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.topics = topics_for(settings, prefix)
+        self.group_id = prefix + settings.app_id
+        self.changelog_topic = f"{prefix}{settings.app_id}.changelog"
+        self.clock = clock
+        self.engine: JoinEngine | None = None
+        self._out_pos: dict[tuple[str, int], int] = {}
+        self._errors: list[str] = []
+        self._callback_error: Exception | None = None
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _partition_count(self, cons: Any, topic: str) -> int:
+        meta = cons.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise PipelineError(f"topic {topic} does not exist (run `pipeline topics apply`)")
+        return len(meta.partitions)
+
+    def _setup(self, cons: Any) -> ChangelogStore:
+        from confluent_kafka import TopicPartition
+
+        t = self.topics
+        n_imp, n_clk = (
+            self._partition_count(cons, t.impressions),
+            self._partition_count(cons, t.clicks),
+        )
+        if n_imp != n_clk:
+            raise PipelineError(
+                f"{t.impressions} has {n_imp} partitions and {t.clicks} {n_clk}: the join needs "
+                "them co-partitioned (same count, both keyed by request id)"
+            )
+        n_samples = self._partition_count(cons, t.samples)
+        n_dlq = self._partition_count(cons, t.dlq)
+        batcher = SampleBatcher(
+            self.settings.slot_config(),
+            n_samples,
+            self.settings.batch_size,
+            self.settings.linger_ms,
+        )
+        self.engine = JoinEngine(join_config(self.settings), t, batcher)
+        # Lower bounds of where this process's output can land (ListOffsets may be low).
+        for topic, count in ((t.samples, n_samples), (t.dlq, n_dlq)):
+            for q in range(count):
+                _, high = cons.get_watermark_offsets(TopicPartition(topic, q), timeout=10)
+                self._out_pos[(topic, q)] = max(0, high)
+        parts = ensure_compacted_topic(self.kafka, self.changelog_topic, n_imp)
+        return ChangelogStore(self.kafka, self.changelog_topic, parts)
+
+    # -- output ------------------------------------------------------------------------
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+            return
+        key = (msg.topic(), msg.partition())
+        self._out_pos[key] = max(self._out_pos.get(key, 0), msg.offset() + 1)
+
+    def _produce(self, prod: Any, records: Iterable[OutRecord]) -> None:
+        for rec in records:
+            kwargs: dict[str, Any] = {"key": rec.key, "headers": rec.headers or None}
+            if rec.partition is not None:
+                kwargs["partition"] = rec.partition
+            while True:
+                try:
+                    prod.produce(rec.topic, rec.value, on_delivery=self._on_delivery, **kwargs)
+                    break
+                except BufferError:
+                    prod.poll(0.1)
+        prod.poll(0)
+
+    def _flush(self, prod: Any) -> None:
+        if prod.flush(60) or self._errors:
+            raise PipelineError(f"producing joiner output failed: {self._errors[:3] or 'timeout'}")
+
+    def _outputs(self) -> dict[str, dict[str, int]]:
+        doc: dict[str, dict[str, int]] = {"samples": {}, "dlq": {}}
+        for (topic, q), pos in self._out_pos.items():
+            doc["samples" if topic == self.topics.samples else "dlq"][str(q)] = pos
+        return doc
+
+    def _checkpoint(
+        self, prod: Any, cons: Any, store: ChangelogStore, parts: Iterable[int]
+    ) -> None:
+        """Flush outputs, then write state + offsets, then commit offsets (for lag only)."""
+        from confluent_kafka import TopicPartition
+
+        engine = self._engine
+        parts = list(parts)
+        self._produce(prod, engine.drain())
+        self._flush(prod)
+        outputs = self._outputs()
+        for p in parts:
+            store.save(prod, p, engine.checkpoint(p, outputs))
+        self._flush(prod)
+        offsets = [
+            TopicPartition(
+                self.topics.impressions if s == "impressions" else self.topics.clicks, p, o
+            )
+            for p in parts
+            for s, o in engine.positions[p].items()
+        ]
+        if offsets:
+            try:
+                cons.commit(offsets=offsets, asynchronous=True)
+            except Exception as exc:  # the checkpoint is the source of truth
+                log.warning("committing offsets failed (checkpoint is written): %s", exc)
+
+    @property
+    def _engine(self) -> JoinEngine:
+        if self.engine is None:
+            raise RuntimeError("the runner is not set up")
+        return self.engine
+
+    # -- assignment ----------------------------------------------------------------------
+
+    def _start_offsets(self, cons: Any, p: int) -> dict[str, int]:
+        from confluent_kafka import TopicPartition
+
+        out = {}
+        for stream, topic in (
+            ("impressions", self.topics.impressions),
+            ("clicks", self.topics.clicks),
+        ):
+            low, high = cons.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            out[stream] = max(0, low if self.settings.start_from == "earliest" else high)
+        return out
+
+    def _restore(self, prod: Any, cons: Any, store: ChangelogStore, parts: list[int]) -> None:
+        """Take over ``parts``: load checkpoints, note output emitted after them."""
+        engine, now = self._engine, self.clock()
+        blobs = store.load(parts)
+        fresh = [p for p in parts if blobs[p] is None]
+        for p in fresh:
+            engine.assign(p, None, now)
+            engine.positions[p] = self._start_offsets(cons, p)
+        if fresh:
+            self._checkpoint(prod, cons, store, fresh)  # a base to dedup against after a crash
+            log.info("partitions %s: no checkpoint, starting fresh", fresh)
+        starts: dict[int, dict[tuple[str, int], int]] = {}
+        for p in parts:
+            blob = blobs[p]
+            if blob is None:
+                continue
+            engine.assign(p, blob, now)
+            outputs = engine.checkpoint_outputs(blob)
+            starts[p] = {
+                (self.topics.samples if kind == "samples" else self.topics.dlq, int(q)): pos
+                for kind, positions in outputs.items()
+                for q, pos in positions.items()
+            }
+            for tp, pos in starts[p].items():  # never record positions below a restored one
+                self._out_pos[tp] = max(self._out_pos.get(tp, 0), pos)
+        if starts:
+            rows, dead = recover_outputs(self.kafka, engine, starts)
+            log.info("restored %s; %d rows, %d dead letters after them", sorted(starts), rows, dead)
+
+    def _mark_lagging(self, cons: Any, now: int) -> None:
+        """Streams with unread messages (or no fetch answer yet) must not count as idle."""
+        from confluent_kafka import TopicPartition
+
+        engine = self._engine
+        for p, positions in engine.positions.items():
+            for stream, topic in (
+                ("impressions", self.topics.impressions),
+                ("clicks", self.topics.clicks),
+            ):
+                _, high = cons.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+                if high < 0 or positions.get(stream, 0) < high:
+                    engine.mark_busy(p, topic, now)
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> Counters:
+        """Join until ``stop`` is set, then checkpoint and return the totals."""
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException
+
+        stop = stop or threading.Event()
+        cons = consumer(self.kafka, self.group_id, **{"partition.assignment.strategy": "range"})
+        prod = producer(self.kafka)
+        store = self._setup(cons)
+        engine = self._engine
+        topics = self.topics
+
+        def on_assign(c: Any, tps: list[Any]) -> None:
+            try:
+                by_topic = {
+                    t: {tp.partition for tp in tps if tp.topic == t}
+                    for t in (topics.impressions, topics.clicks)
+                }
+                if by_topic[topics.impressions] != by_topic[topics.clicks]:
+                    raise PipelineError(
+                        f"assigned impressions {sorted(by_topic[topics.impressions])} but "
+                        f"clicks {sorted(by_topic[topics.clicks])}: the join needs partition p "
+                        "of both topics in one member (range assignor, equal partition counts)"
+                    )
+                self._restore(prod, c, store, sorted({tp.partition for tp in tps}))
+                for tp in tps:
+                    stream = "impressions" if tp.topic == topics.impressions else "clicks"
+                    tp.offset = engine.positions[tp.partition].get(stream, OFFSET_BEGINNING)
+                c.assign(tps)
+            except Exception as exc:  # raised again from the main loop
+                self._callback_error = self._callback_error or exc
+
+        def on_revoke(c: Any, tps: list[Any]) -> None:
+            parts = sorted({tp.partition for tp in tps} & engine.joiners.keys())
+            try:
+                if not (self._errors or self._callback_error):
+                    self._checkpoint(prod, c, store, parts)
+            except Exception as exc:
+                self._callback_error = self._callback_error or exc
+            for p in parts:
+                engine.revoke(p)
+
+        def on_lost(c: Any, tps: list[Any]) -> None:
+            for p in {tp.partition for tp in tps}:
+                engine.revoke(p)
+
+        cons.subscribe(
+            [topics.impressions, topics.clicks],
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            on_lost=on_lost,
+        )
+        interval_ms = int(self.settings.checkpoint_interval_s * 1000)
+        last_checkpoint = self.clock()
+        try:
+            while not stop.is_set():
+                msgs = cons.consume(num_messages=500, timeout=0.1)
+                if self._callback_error is not None:
+                    raise self._callback_error
+                for msg in msgs:
+                    if msg.error():
+                        if msg.error().fatal():
+                            raise PipelineError(f"consumer failed: {msg.error()}")
+                        log.warning("consumer: %s", msg.error())
+                        continue
+                    if msg.partition() not in engine.joiners:
+                        continue
+                    now = self.clock()
+                    out = engine.handle(
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.key(),
+                        msg.value() or b"",
+                        now,
+                    )
+                    self._produce(prod, out)
+                now = self.clock()
+                self._mark_lagging(cons, now)
+                self._produce(prod, engine.tick(now))
+                if self._errors:
+                    self._flush(prod)
+                if now - last_checkpoint >= interval_ms and engine.joiners:
+                    self._checkpoint(prod, cons, store, list(engine.joiners))
+                    last_checkpoint = now
+                    log.info("checkpoint: %s", engine.stats())
+            counters = engine.counters()
+            if engine.joiners:
+                self._checkpoint(prod, cons, store, list(engine.joiners))
+            for p in list(engine.joiners):
+                engine.revoke(p)  # so leaving the group does not checkpoint again
+            return counters
+        except KafkaException as exc:
+            raise PipelineError(f"joiner: {exc}") from None
+        finally:
+            cons.close()
