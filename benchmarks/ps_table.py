@@ -28,7 +28,7 @@ from _common import print_table, rss_mb
 from pipeline.ps.export import RowBatch
 from pipeline.ps.initializers import splitmix64
 from pipeline.ps.spec import TableSpec
-from pipeline.ps.table import ShardTable
+from pipeline.ps.table import ShardTable, cold_width
 from pipeline.ps.tiers import SsdTier
 
 
@@ -85,7 +85,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.db_dir) as tmp:
         cold = None
         if name == "ssd tier":
-            width = ShardTable(spec).cold_width
+            width = cold_width(spec)
             cold = SsdTier(Path(tmp) / "db", width, block_cache_bytes=args.block_cache_mb << 20)
         budget = args.budget if cold is not None else None
         table = ShardTable(spec, cold, hot_budget_rows=budget)

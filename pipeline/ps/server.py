@@ -39,7 +39,7 @@ from pipeline.ps.export import export_table, import_table
 from pipeline.ps.gradstream import StreamEntryError, decode_push, stream_id_tuple
 from pipeline.ps.keys import ShardKeys
 from pipeline.ps.spec import TableSpec
-from pipeline.ps.table import PushRejected, ShardTable
+from pipeline.ps.table import PushRejected, ShardTable, cold_width
 
 __all__ = ["GROUP", "ServerOptions", "ShardServer"]
 
@@ -131,7 +131,7 @@ class ShardServer:
 
             cold_dir = directory / "cold"
             shutil.rmtree(cold_dir, ignore_errors=True)  # the checkpoint is the truth
-            width = ShardTable(spec).cold_width
+            width = cold_width(spec)
             cold = SsdTier(cold_dir, width, block_cache_bytes=self.options.cold_block_cache_bytes)
         table = ShardTable(spec, cold, self.options.hot_budget_rows, self.clock)
         state = _Shard(spec, ShardKeys(spec.name, self.shard), table)

@@ -124,6 +124,14 @@ class ApplyResult:
     demoted: int  # rows moved to the cold tier after the update
 
 
+def cold_width(spec: TableSpec) -> int:
+    """Floats per cold-tier row of ``spec``.
+
+    Layout: [weights | opt state | show | click | last_seen hi | last_seen lo | admitted].
+    """
+    return spec.dim + make_optimizer(spec.optimizer).state_width(spec.dim) + 5
+
+
 class ShardTable:
     """Hot table (+ optional cold tier) of one shard of one sparse table.
 
@@ -147,8 +155,7 @@ class ShardTable:
         self.optimizer = make_optimizer(spec.optimizer)
         self.accessor = CtrAccessor(spec.accessor, seed=spec.initializer.seed)
         self.state_width = self.optimizer.state_width(self.dim)
-        # Cold row: [weights | opt state | show | click | last_seen hi | last_seen lo | admitted]
-        self.cold_width = self.dim + self.state_width + 5
+        self.cold_width = cold_width(spec)
         if hot_budget_rows is not None and (hot_budget_rows < 1 or cold_tier is None):
             raise ValueError("hot_budget_rows must be >= 1 and needs a cold_tier to demote to")
         if cold_tier is not None and cold_tier.width != self.cold_width:
