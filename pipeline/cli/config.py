@@ -7,9 +7,10 @@ from pydantic_settings import BaseSettings
 
 from pipeline.config import ALL_SETTINGS, env_var, load
 from pipeline.joiner.settings import JoinerSettings
+from pipeline.train.settings import TrainerSettings
 
 # Role settings that live next to their role (config.py stays at the bottom layer).
-SETTINGS: tuple[type[BaseSettings], ...] = (*ALL_SETTINGS, JoinerSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (*ALL_SETTINGS, JoinerSettings, TrainerSettings)
 
 __all__ = ["config"]
 

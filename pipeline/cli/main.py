@@ -46,7 +46,20 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import config, dlq, join, produce, ps, replay, smoke, stack, topics
+    from pipeline.cli import (
+        config,
+        dlq,
+        infer,
+        join,
+        metrics,
+        produce,
+        ps,
+        replay,
+        smoke,
+        stack,
+        topics,
+        train,
+    )
 
     cli.add_command(stack.up)
     cli.add_command(stack.down)
@@ -59,6 +72,9 @@ def _register() -> None:
     cli.add_command(dlq.dlq)
     cli.add_command(replay.replay)
     cli.add_command(join.join)
+    cli.add_command(train.train)
+    cli.add_command(infer.infer)
+    cli.add_command(metrics.metrics)
 
 
 _register()

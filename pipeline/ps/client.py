@@ -274,6 +274,12 @@ class PSClient:
         raw = self.redis.hget(self.keys(table, shard).meta, b"applied")
         return stream_id_tuple(raw) if raw else (0, 0)
 
+    def is_applied(self, receipt: PushReceipt) -> bool:
+        """Whether every shard has applied its entry of ``receipt`` (no waiting)."""
+        return all(
+            self.applied(receipt.table, s) >= stream_id_tuple(e) for s, e in receipt.entries.items()
+        )
+
     def wait_applied(self, receipt: PushReceipt, timeout_s: float = 30.0) -> None:
         """Block until every shard has applied its entry of ``receipt``."""
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,505 @@
+"""The training loop: passes of batches through the device cache, in three overlapped stages.
+
+Stages: **IO** (the dataset's reader thread consumes and decodes into a queue),
+**communication** (one worker thread pulls the next pass's missing rows and
+pushes the previous pass's updates, in that order), **compute** (this thread:
+torch forward, progressive metrics, backward, dense optimizer step). Time spent
+by compute waiting on the other two says which stage limits throughput
+(:attr:`StageTimes.limiting`).
+
+Modes (``TrainerSettings.mode``):
+
+- ``async``: a pass's gradients are summed per id and pushed at pass end; the
+  next pass's rows were pulled while this one trained, so sparse rows are at
+  most about two passes stale; pushes are bounded by ``max_inflight``.
+- ``geo``: local Adagrad steps on the cached rows during the pass, parameter
+  deltas pushed at pass end; rows stay cached ``max_age_passes`` passes.
+- ``sync``: one batch per pass; pull, train, push, wait until applied. With one
+  trainer this is exactly the in-process reference (:class:`LocalBackend`).
+
+Offsets: a pass's Kafka positions are committed only once every push of that
+pass (and of the passes before it) is applied by the shard servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.model.features import BatchIds, SparseInput, batch_ids
+from pipeline.model.modules import CTRModel, build_model, set_output_bias
+from pipeline.model.spec import ModelSpec
+from pipeline.ps.spec import TableSpec
+from pipeline.train.backend import SparseBackend
+from pipeline.train.cache import DeviceCache
+from pipeline.train.dataset import Source, TrainBatch
+from pipeline.train.dense_sync import DenseSync
+from pipeline.train.metrics import WindowedMetrics
+from pipeline.train.settings import TrainerSettings
+
+__all__ = ["BatchSource", "IterSource", "StageTimes", "TrainResult", "Trainer", "pick_device"]
+
+log = logging.getLogger(__name__)
+
+U64 = npt.NDArray[np.uint64]
+F32 = npt.NDArray[np.float32]
+
+
+class BatchSource(Protocol):
+    """Where batches come from: QueueDataset, or an iterator wrapped in IterSource."""
+
+    def get(self, timeout: float) -> TrainBatch | None: ...
+
+
+class IterSource:
+    """A finite iterable of TrainBatch (InMemoryDataset, files) as a BatchSource."""
+
+    def __init__(self, batches: Iterable[TrainBatch]) -> None:
+        self._it: Iterator[TrainBatch] = iter(batches)
+        self.exhausted = False
+
+    def get(self, timeout: float) -> TrainBatch | None:
+        if self.exhausted:
+            return None
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.exhausted = True
+            return None
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class StageTimes:
+    """Seconds the compute thread spent computing vs waiting on IO and communication."""
+
+    compute: float = 0.0
+    wait_io: float = 0.0
+    wait_comm: float = 0.0
+
+    @property
+    def limiting(self) -> str:
+        parts = {"compute": self.compute, "io": self.wait_io, "communication": self.wait_comm}
+        return max(parts, key=lambda k: parts[k])
+
+
+@dataclass
+class TrainResult:
+    """What a run did (also the source of the benchmark and test checks)."""
+
+    rows: int = 0
+    batches: int = 0
+    passes: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    predictions: list[F32] = field(default_factory=list)
+    labels: list[F32] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Pass:
+    number: int
+    items: list[TrainBatch]
+    ids: list[BatchIds | None]
+    unique: U64
+    pulled: Future[dict[str, tuple[U64, F32, npt.NDArray[np.bool_]]]] | None = None
+
+
+@dataclass
+class _Pending:
+    receipts: list[Any]
+    completes: list[Source]
+
+
+class Trainer:
+    """Trains one model against a sparse backend, pass by pass, from a BatchSource."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tables: Mapping[str, TableSpec],
+        backend: SparseBackend,
+        settings: TrainerSettings,
+        *,
+        trainer_id: str = "trainer-0",
+        device: torch.device | None = None,
+        metrics: WindowedMetrics | None = None,
+        commit: Callable[[Mapping[tuple[str, int], int]], object] | None = None,
+        keep_predictions: bool = False,
+    ) -> None:
+        spec.check(tables)
+        self.spec = spec
+        self.settings = settings
+        self.backend = backend
+        self.trainer_id = trainer_id
+        self.device = device or pick_device(settings.device)
+        self.mode = settings.mode
+        self.pass_batches = 1 if self.mode == "sync" else settings.pass_batches
+        self.prefetch = self.mode != "sync"
+        torch.manual_seed(settings.seed)
+        self.model: CTRModel = build_model(spec, seed=settings.seed).to(self.device)
+        self.optimizer = _dense_optimizer(spec, self.model)
+        self.dims = spec.tables()
+        max_age = settings.max_age_passes if self.mode != "sync" else 0
+        self.caches = {
+            name: DeviceCache(
+                name,
+                dim,
+                settings.cache_rows,
+                self.device,
+                max_age_passes=max_age,
+                with_state=self.mode == "geo",
+            )
+            for name, dim in self.dims.items()
+        }
+        self.dense = DenseSync(
+            backend, spec.dense_table_name(), self.model, settings.dense_sync_steps
+        )
+        self.metrics = metrics or WindowedMetrics(window_s=settings.metrics_window_s)
+        self.stages = StageTimes()
+        self.result = TrainResult()
+        self._commit = commit
+        self._keep = keep_predictions
+        self._comm = ThreadPoolExecutor(1, thread_name_prefix="trainer-comm")
+        self._pending: deque[_Pending] = deque()
+        self._push_futures: deque[Future[None]] = deque()
+        self._committed: dict[tuple[str, int], int] = {}
+        self._step = 0
+        self._started = False
+        self._stop = threading.Event()
+        self._drain = threading.Event()
+        self._drained = threading.Event()
+        self.on_window: Callable[[Any], None] | None = None
+
+    # -- control -----------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the pass in hand, push, wait until applied, commit, then return from run()."""
+        self._stop.set()
+
+    def request_drain(self, timeout_s: float = 120.0) -> None:
+        """Rebalance hook (QueueDataset on_revoke): block until all taken batches are committed."""
+        self._drained.clear()
+        self._drain.set()
+        if not self._drained.wait(timeout_s):
+            log.error(
+                "trainer did not drain within %.0f s before partitions were revoked", timeout_s
+            )
+
+    # -- the loop ----------------------------------------------------------
+    def start(self, first: TrainBatch | None = None) -> None:
+        """Initialize the output bias, then load (or publish) the shared dense parameters."""
+        if self._started:
+            return
+        self._started = True
+        if self.spec.bias_init is not None:
+            set_output_bias(self.model, self.spec.bias_init)
+        elif first is not None and first.batch is not None and first.batch.num_rows:
+            # the running CTR: a trainer that starts first spares the model learning it
+            ctr = float(np.clip(np.mean(first.batch.labels, dtype=np.float64), 1e-3, 1 - 1e-3))
+            set_output_bias(self.model, math.log(ctr / (1 - ctr)))
+        self.dense.start()  # a trainer that is not first adopts the shared values
+
+    def run(
+        self,
+        source: BatchSource,
+        *,
+        max_rows: int | None = None,
+        idle_timeout_s: float | None = None,
+        poll_s: float = 0.1,
+        on_progress: Callable[[Trainer], None] | None = None,
+    ) -> TrainResult:
+        """Train until the source ends (IterSource), ``stop()``, ``max_rows``, or idleness."""
+        t0 = time.perf_counter()
+        idle_since = time.monotonic()
+        current: _Pass | None = None
+        while True:
+            if current is None:
+                if self._drain.is_set():
+                    self._finish_drain(source)
+                if self._finished(source, idle_since, idle_timeout_s):
+                    break
+                current = self._assemble(source, poll_s)
+                if current is None:
+                    continue
+                self.start(current.items[0])
+                self._prefetch(current)
+            idle_since = time.monotonic()
+            slots = self._install(current)
+            # read the next pass ahead so its rows are pulled while this one trains
+            upcoming = None
+            if self.prefetch and not self._stop.is_set() and not self._drain.is_set():
+                upcoming = self._assemble(source, 0.0)
+                if upcoming is not None:
+                    self._prefetch(upcoming)
+            self._train_pass(current, slots)
+            self._poll_commits()
+            if on_progress is not None:
+                on_progress(self)
+            if max_rows is not None and self.result.rows >= max_rows:
+                self._stop.set()
+            current = upcoming
+        self._flush_all()
+        self.result.seconds = time.perf_counter() - t0
+        self.result.committed = dict(self._committed)
+        return self.result
+
+    def close(self) -> None:
+        self._comm.shutdown(wait=True)
+
+    def _finished(
+        self, source: BatchSource, idle_since: float, idle_timeout_s: float | None
+    ) -> bool:
+        if self._stop.is_set() or getattr(source, "exhausted", False):
+            return True
+        return idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s
+
+    def _assemble(self, source: BatchSource, timeout: float) -> _Pass | None:
+        items: list[TrainBatch] = []
+        t = time.perf_counter()
+        first = source.get(timeout)
+        self.stages.wait_io += time.perf_counter() - t
+        if first is None:
+            return None
+        items.append(first)
+        while len(items) < self.pass_batches:
+            nxt = source.get(0.0)
+            if nxt is None:
+                break
+            items.append(nxt)
+        ids = [
+            batch_ids(it.batch, self.spec.slots) if it.batch is not None else None for it in items
+        ]
+        parts = [b.unique for b in ids if b is not None]
+        unique = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        self.result.passes += 1
+        return _Pass(self.result.passes, items, ids, unique)
+
+    def _prefetch(self, p: _Pass) -> None:
+        plans = {name: cache.plan(p.unique, p.number) for name, cache in self.caches.items()}
+
+        def pull() -> dict[str, tuple[U64, F32, npt.NDArray[np.bool_]]]:
+            out = {}
+            for name, need in plans.items():
+                weights, found = self.backend.pull(name, need)
+                out[name] = (need, weights, found)
+            return out
+
+        p.pulled = self._comm.submit(pull) if self.prefetch else _done(pull())
+
+    # -- one pass ----------------------------------------------------------
+    def _install(self, p: _Pass) -> dict[str, npt.NDArray[np.int64]]:
+        """Wait for the pass's pulls, write them into the caches; cache slots of its ids."""
+        assert p.pulled is not None
+        t = time.perf_counter()
+        pulled = p.pulled.result()
+        self.stages.wait_comm += time.perf_counter() - t
+        t = time.perf_counter()
+        pass_slots = {}
+        for name, cache in self.caches.items():
+            need, weights, found = pulled[name]
+            cache.install(need, weights, found, p.unique, p.number)
+            pass_slots[name] = cache.slots(p.unique)
+        self.stages.compute += time.perf_counter() - t
+        return pass_slots
+
+    def _train_pass(self, p: _Pass, pass_slots: Mapping[str, npt.NDArray[np.int64]]) -> None:
+        t = time.perf_counter()
+        u = len(p.unique)
+        grads = {
+            name: torch.zeros((u, dim), dtype=torch.float32, device=self.device)
+            for name, dim in self.dims.items()
+        }
+        shows = np.zeros(u, np.float32)
+        clicks = np.zeros(u, np.float32)
+        max_event_time = 0
+        for item, ids in zip(p.items, p.ids, strict=True):
+            if item.batch is None or ids is None:
+                self.result.dead_letters += 1
+                continue
+            batch = item.batch
+            local = np.searchsorted(p.unique, ids.unique)
+            local_t = torch.from_numpy(local).to(self.device)
+            batch_grads = self._step_batch(batch, ids, pass_slots, local)
+            occ = ids.occurrences().astype(np.float32)
+            np.add.at(shows, local, occ)
+            np.add.at(clicks, local, ids.clicks(np.asarray(batch.labels)))
+            for name, g in batch_grads.items():
+                grads[name].index_add_(0, local_t, g)
+            if len(batch.event_times):
+                max_event_time = max(max_event_time, int(np.max(batch.event_times)))
+        self.result.batches += len(p.items)
+        completes = [src for item in p.items for src in item.completes]
+        kind = "delta" if self.mode == "geo" else "grad"
+        payload = {}
+        for name in self.caches:
+            if self.mode == "geo":
+                values = self.caches[name].take_deltas(pass_slots[name])
+            else:
+                values = grads[name].cpu().numpy()
+            payload[name] = values
+        self.stages.compute += time.perf_counter() - t
+        offsets = _offset_map(completes)
+        unique = p.unique
+
+        def push() -> None:
+            receipts = [
+                self.backend.push(
+                    name, unique, values, shows, clicks, kind, max_event_time, offsets
+                )
+                for name, values in payload.items()
+                if len(unique)
+            ]
+            self._pending.append(_Pending(receipts, completes))
+
+        fut = self._comm.submit(push)
+        self._push_futures.append(fut)
+        if self.mode == "sync":
+            t = time.perf_counter()
+            self._flush_all()
+            self.stages.wait_comm += time.perf_counter() - t
+
+    def _step_batch(
+        self,
+        batch: Any,
+        ids: BatchIds,
+        pass_slots: Mapping[str, npt.NDArray[np.int64]],
+        local: npt.NDArray[np.int64],
+    ) -> dict[str, torch.Tensor]:
+        """Score (progressive validation), then train on one batch; per-table row grads."""
+        dev = self.device
+        index = torch.from_numpy(ids.index).to(dev)
+        offsets = torch.from_numpy(ids.offsets).to(dev)
+        slots_t = {}
+        inputs = {}
+        for name, cache in self.caches.items():
+            rows = torch.from_numpy(pass_slots[name][local]).to(dev)
+            slots_t[name] = rows
+            leaf = cache.weight[rows].detach().requires_grad_(True)
+            inputs[name] = SparseInput(leaf, index, offsets, ids.num_rows, ids.num_slots)
+        dense = torch.from_numpy(np.asarray(batch.dense, np.float32)).to(dev)
+        labels = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(dev)
+        weights = torch.from_numpy(np.asarray(batch.weights, np.float32)).to(dev)
+        self.model.train()
+        logits = self.model(inputs, dense)
+        preds = torch.sigmoid(logits.detach()).cpu().numpy()
+        labels_np = np.asarray(batch.labels, np.float32)
+        self.metrics.update(preds, labels_np, np.asarray(batch.weights), batch.event_times)
+        if self._keep:
+            self.result.predictions.append(preds)
+            self.result.labels.append(labels_np)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, weight=weights, reduction="sum"
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        scale = 1.0 / max(float(weights.sum()), 1e-12)
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        self.optimizer.step()
+        self._step += 1
+        self.dense.maybe_sync(self._step)
+        out = {}
+        for name, inp in inputs.items():
+            grad = inp.weight.grad
+            g = grad if grad is not None else torch.zeros_like(inp.weight)
+            if self.mode == "geo":
+                self.caches[name].local_step(slots_t[name], g, self.settings.geo_lr)
+            out[name] = g
+        self.result.rows += batch.num_rows
+        return out
+
+    # -- offsets -----------------------------------------------------------
+    def _poll_commits(self) -> None:
+        """Commit the positions of every leading pass whose pushes are all applied."""
+        while self._push_futures and self._push_futures[0].done():
+            self._push_futures.popleft().result()  # re-raise push errors here
+        ready: list[Source] = []
+        while self._pending and all(self.backend.is_applied(r) for r in self._pending[0].receipts):
+            ready.extend(self._pending.popleft().completes)
+        self._commit_sources(ready)
+
+    def _commit_sources(self, sources: list[Source]) -> None:
+        if not sources:
+            return
+        positions = _offset_positions(sources)
+        if self._commit is not None:
+            self._commit(positions)
+        self._committed.update(positions)
+
+    def _flush_all(self) -> None:
+        while self._push_futures:
+            self._push_futures.popleft().result()
+        self.backend.flush()
+        ready: list[Source] = []
+        while self._pending:
+            ready.extend(self._pending.popleft().completes)
+        self._commit_sources(ready)
+        if self._started:
+            self.dense.sync()
+
+    def _finish_drain(self, source: BatchSource) -> None:
+        """Train what is still handed out (rest of started messages), push, apply, commit."""
+        while (p := self._assemble(source, 0.0)) is not None:
+            self.start(p.items[0])
+            self._prefetch(p)
+            self._train_pass(p, self._install(p))
+        self._flush_all()
+        self._drain.clear()
+        self._drained.set()
+
+
+def _done(value: Any) -> Future[Any]:
+    fut: Future[Any] = Future()
+    fut.set_result(value)
+    return fut
+
+
+def _offset_positions(sources: Iterable[Source]) -> dict[tuple[str, int], int]:
+    """Next offset to commit per (topic, partition): max completed offset + 1."""
+    out: dict[tuple[str, int], int] = {}
+    for topic, partition, offset in sources:
+        key = (topic, partition)
+        out[key] = max(out.get(key, 0), offset + 1)
+    return out
+
+
+def _offset_map(sources: Iterable[Source]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (topic, partition), nxt in _offset_positions(sources).items():
+        out.setdefault(topic, {})[str(partition)] = nxt
+    return out
+
+
+def _dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if spec.dense_optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.dense_lr)
+    if spec.dense_optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=spec.dense_lr)
+    return torch.optim.SGD(params, lr=spec.dense_lr)
