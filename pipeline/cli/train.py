@@ -110,6 +110,11 @@ def train(
         "dead_letters": result.dead_letters,
         "seconds": round(result.seconds, 3),
         "rows_per_s": round(result.rows_per_s, 1),
+        "first_row_at": result.first_row_at,
+        "last_row_at": result.last_row_at,
+        "pulled_keys": result.pulled_keys,
+        "pushed_keys": result.pushed_keys,
+        "batch_lookups": result.batch_lookups,
         "committed": {f"{t}:{p}": o for (t, p), o in sorted(result.committed.items())},
     }
     if as_json:

@@ -165,7 +165,6 @@ class DeviceCache:
         slots = self._slots.lookup(np.asarray(ids, dtype=np.uint64))
         if len(slots) and slots.min() < 0:
             raise KeyError(f"{int((slots < 0).sum())} ids are not in the {self.table!r} cache")
-        self.stats.lookups += len(slots)
         return slots
 
     def ids_of(self, slots: I64) -> U64:

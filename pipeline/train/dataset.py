@@ -192,9 +192,12 @@ class QueueDataset:
         Pass ``next_positions(completes)`` of batches that are trained and pushed. The
         reader thread performs it (dead letters flushed first) within about 20 ms;
         with ``wait`` this returns what was committed for these partitions once the
-        broker confirmed, else at once ({}). Partitions this consumer no longer owns
-        are left out (their new owner resumes from the last commit; counted in
-        ``refused_commits``), as are positions not ahead of the last commit.
+        broker confirmed (PipelineError if it refused). Without, it returns {} at
+        once and a refusal is only logged (a later commit covers those offsets);
+        queued requests are still performed before a revocation completes and by
+        :meth:`close`. Partitions this consumer no longer owns are left out (their new
+        owner resumes from the last commit; counted in ``refused_commits``), as are
+        positions not ahead of the last commit.
         """
         if self._consumer is None:
             raise PipelineError("commit() before start()")
@@ -242,6 +245,8 @@ class QueueDataset:
 
         The revocation hook is not called for this last revocation: commit first.
         """
+        if self._closing:
+            return
         self._closing = True
         self._stop.set()
         self._queue.close()

@@ -81,7 +81,7 @@ class Inferencer:
             weights, _found = self.backend.pull(table, ids.unique)
             leaf = torch.from_numpy(np.ascontiguousarray(weights)).to(self.device)
             inputs[table] = SparseInput(leaf, index, offsets, ids.num_rows, ids.num_slots)
-        dense = torch.from_numpy(np.asarray(batch.dense, np.float32)).to(self.device)
+        dense = torch.from_numpy(np.require(batch.dense, np.float32, ["W"])).to(self.device)
         return torch.sigmoid(self.model(inputs, dense)).cpu().numpy()
 
     def embeddings(self, slot: str, batches: Iterable[SampleBatch]) -> Embeddings:

@@ -6,6 +6,7 @@ end-to-end job call the same function in subprocesses.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -110,7 +111,8 @@ class TrainerRole:
             trainer_id=trainer_id,
             device=pick_device(s.device),
             metrics=metrics,
-            commit=dataset.commit,
+            # queued, performed by the reader thread that owns the consumer (see dataset.py)
+            commit=functools.partial(dataset.commit, wait=False),
             keep_predictions=keep_predictions,
         )
         trainer_box.append(trainer)
@@ -121,6 +123,7 @@ class TrainerRole:
             exporter.start()
         started = time.monotonic()
         last_print = [0.0]
+        last_sync = [0.0]
 
         def publish(window: Any) -> None:
             sink.publish(trainer_id, metrics.cumulative, window)
@@ -156,6 +159,11 @@ class TrainerRole:
                     exporter.set_extra(f"pipeline_train_{_metric_name(name)}", value, name)
             if window is not None:
                 publish(window)
+                last_sync[0] = time.monotonic()
+            elif time.monotonic() - last_sync[0] >= 1.0:
+                # the global view in Redis follows training within a second
+                sink.publish(trainer_id, metrics.cumulative, None)
+                last_sync[0] = time.monotonic()
             if progress is not None and time.monotonic() - last_print[0] >= 2.0:
                 last_print[0] = time.monotonic()
                 print(progress_line(metrics.cumulative.summary(), extras), file=progress)

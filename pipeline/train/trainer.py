@@ -113,6 +113,15 @@ class TrainResult:
     dead_letters: int = 0
     seconds: float = 0.0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: wall-clock time (``time.time()``) of the first and last trained batch: comparable
+    #: across trainer processes, so a group's throughput is rows / (last - first)
+    first_row_at: float = 0.0
+    last_row_at: float = 0.0
+    #: sparse rows pulled and pushed (ids, all tables), and the unique ids of every batch
+    #: summed over tables (what pulling per batch without the device cache would move)
+    pulled_keys: int = 0
+    pushed_keys: int = 0
+    batch_lookups: int = 0
     predictions: list[F32] = field(default_factory=list)
     labels: list[F32] = field(default_factory=list)
 
@@ -245,6 +254,8 @@ class Trainer:
                     break
                 current = self._assemble(source, poll_s)
                 if current is None:
+                    if on_progress is not None:
+                        on_progress(self)  # idle ticks too: metrics sinks stay current
                     continue
                 self.start(current.items[0])
                 self._prefetch(current)
@@ -266,6 +277,7 @@ class Trainer:
         self._flush_all()
         self.result.seconds = time.perf_counter() - t0
         self.result.committed = dict(self._committed)
+        self.result.pulled_keys = sum(c.stats.pulled for c in self.caches.values())
         return self.result
 
     def close(self) -> None:
@@ -343,11 +355,14 @@ class Trainer:
                 continue
             batch = item.batch
             local = np.searchsorted(p.unique, ids.unique)
+            for cache in self.caches.values():
+                cache.stats.lookups += len(local)  # what a cache-less trainer would pull
             local_t = torch.from_numpy(local).to(self.device)
             batch_grads = self._step_batch(batch, ids, pass_slots, local)
             occ = ids.occurrences().astype(np.float32)
             np.add.at(shows, local, occ)
             np.add.at(clicks, local, ids.clicks(np.asarray(batch.labels)))
+            self.result.batch_lookups += len(ids.unique) * len(self.caches)
             for name, g in batch_grads.items():
                 grads[name].index_add_(0, local_t, g)
             if len(batch.event_times):
@@ -365,6 +380,7 @@ class Trainer:
         self.stages.compute += time.perf_counter() - t
         offsets = _offset_map(completes)
         unique = p.unique
+        self.result.pushed_keys += len(unique) * len(payload)
 
         def push() -> None:
             receipts = [
@@ -401,9 +417,9 @@ class Trainer:
             slots_t[name] = rows
             leaf = cache.weight[rows].detach().requires_grad_(True)
             inputs[name] = SparseInput(leaf, index, offsets, ids.num_rows, ids.num_slots)
-        dense = torch.from_numpy(np.asarray(batch.dense, np.float32)).to(dev)
-        labels = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(dev)
-        weights = torch.from_numpy(np.asarray(batch.weights, np.float32)).to(dev)
+        dense = _tensor(batch.dense, dev)
+        labels = _tensor(batch.labels, dev)
+        weights = _tensor(batch.weights, dev)
         self.model.train()
         logits = self.model(inputs, dense)
         preds = torch.sigmoid(logits.detach()).cpu().numpy()
@@ -432,6 +448,9 @@ class Trainer:
                 self.caches[name].local_step(slots_t[name], g, self.settings.geo_lr)
             out[name] = g
         self.result.rows += batch.num_rows
+        self.result.last_row_at = time.time()
+        if not self.result.first_row_at:
+            self.result.first_row_at = self.result.last_row_at
         return out
 
     # -- offsets -----------------------------------------------------------
@@ -472,6 +491,11 @@ class Trainer:
         self._flush_all()
         self._drain.clear()
         self._drained.set()
+
+
+def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 tensor on ``device``; decoded batches are read-only views, so copy those."""
+    return torch.from_numpy(np.require(values, np.float32, ["W"])).to(device)
 
 
 def _done(value: Any) -> Future[Any]:

@@ -138,8 +138,6 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
                 f"t{n}",
                 "--batch-rows",
                 "256",
-                "--idle-exit",
-                "30",
                 "--json",
                 "--predictions-out",
                 str(tmp_path / f"t{n}.npz"),
@@ -171,9 +169,13 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
             "the third trainer's assignment", lambda: "assigned" in joined.read_text(), 60, trainers
         )
         _produce(kafka_bootstrap, topic, batches[half:])
+        _wait("every sample trained", lambda: trained() >= ROWS, 300, trainers)
+        time.sleep(2.0)  # would reveal samples trained twice
         results = []
         for p in trainers:
-            out, _ = p.communicate(timeout=180)
+            os.killpg(p.pid, signal.SIGTERM)  # a clean stop: push, apply, commit, exit 0
+        for p in trainers:
+            out, _ = p.communicate(timeout=60)
             assert p.returncode == 0, (tmp_path / "t0.log").read_text()[-3000:]
             results.append(json.loads(out.strip().splitlines()[-1]))
     finally:

@@ -6,6 +6,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import redis
 from sklearn.metrics import roc_auc_score
 
+from pipeline.ingest.adapters import open_dataset
 from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.catalog import load_catalog
@@ -137,3 +139,41 @@ def test_missing_table_fails_at_start(unique: str) -> None:
     spec = dataclasses.replace(_spec(unique), deep_table=f"{unique}_nope")
     with pytest.raises(Exception, match="nope"):
         Trainer(spec, tables, LocalBackend(list(tables.values())), TrainerSettings(device="cpu"))
+
+
+def _criteo_spec(unique: str) -> ModelSpec:
+    base = ModelSpec.from_yaml(Path(__file__).parents[2] / "deploy" / "models" / "deepfm.yaml")
+    return dataclasses.replace(
+        base, name=f"m_{unique}", wide_table=f"{unique}_wide", deep_table=f"{unique}_deep"
+    )
+
+
+@pytest.mark.parametrize("stream", ["criteo", "synthetic"])
+def test_ps_trained_deepfm_matches_in_process_auc_within_0_005(
+    redis_url: str, unique: str, stream: str, request: pytest.FixtureRequest
+) -> None:
+    """The issue's quality bar: same model, same order, PS (2 shards) vs in-process."""
+    tables = _tables(unique)
+    if stream == "criteo":
+        data = request.getfixturevalue("shared_data")
+        spec = _criteo_spec(unique)
+        source = open_dataset(data / "criteo" / "train.tsv")
+        batches = [TrainBatch(b, (), 0) for b in source.batches(64)]
+    else:
+        spec = _spec(unique)
+        gen = TrafficGenerator(TrafficConfig(seed=5))
+        batches = [TrainBatch(b, (), 0) for b, _ in gen.samples(20_000, 64)]
+    settings = TrainerSettings(device="cpu", mode="sync", batch_rows=64)
+
+    def auc(backend: Any) -> float:
+        trainer = Trainer(spec, tables, backend, settings, keep_predictions=True)
+        trainer.run(IterSource(batches))
+        trainer.close()
+        p, y = _preds(trainer)
+        return float(roc_auc_score(y, p))
+
+    in_process = auc(LocalBackend(list(tables.values())))
+    with _servers(redis_url, list(tables.values())):
+        on_ps = auc(PSClient(redis.Redis.from_url(redis_url), trainer_id="t0"))
+    assert on_ps > 0.6
+    assert abs(on_ps - in_process) <= 0.005, (on_ps, in_process)

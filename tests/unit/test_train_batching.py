@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 from pipeline.codec.errors import CodecError
 from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch
 from pipeline.codec.slots import SlotConfig
-from pipeline.errors import PipelineError
+from pipeline.config import KafkaSettings
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.train.assemble import assemble
 from pipeline.train.batching import Batcher, Chunk, Source, TrainBatch, next_positions
 from pipeline.train.commits import CommitChannel
+from pipeline.train.dataset import QueueDataset
 from pipeline.train.decoding import check_layout, decode_for_training
 from pipeline.train.handoff import BatchQueue, QueueClosed
 from pipeline.train.inmemory import InMemoryDataset
@@ -155,7 +157,7 @@ def row_ranges(draw: st.DrawFn) -> list[tuple[SampleBatch, int, int]]:
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(parts=row_ranges())
 def test_assemble_equals_concatenating_slices(parts: list[tuple[SampleBatch, int, int]]) -> None:
     want = concat([b.slice(lo, hi) for b, lo, hi in parts])
@@ -442,6 +444,25 @@ def test_a_failed_commit_reaches_its_waiters_and_close_fails_the_rest() -> None:
         channel.request({(TOPIC, 0): 3})
     with pytest.raises(ValueError, match=">= 0"):
         CommitChannel().request({(TOPIC, 0): -1})
+
+
+def test_queue_dataset_settings_are_checked_before_anything_connects() -> None:
+    kafka = KafkaSettings(bootstrap="127.0.0.1:1")  # nothing listens: nothing may connect
+    for overrides in ({"group.id": "other"}, {"enable.auto.commit": True}):
+        with pytest.raises(ConfigError, match="consumer_overrides"):
+            QueueDataset(kafka, TOPIC, "g", CONFIG, 8, dlq=None, consumer_overrides=overrides)
+    with pytest.raises(ConfigError, match="linger_s"):
+        QueueDataset(kafka, TOPIC, "g", CONFIG, 8, dlq=None, linger_s=-1)
+    with pytest.raises(ConfigError, match="non-empty"):
+        QueueDataset(kafka, "", "g", CONFIG, 8, dlq=None)
+    with pytest.raises(ValueError, match="batch_rows"):
+        QueueDataset(kafka, TOPIC, "g", CONFIG, 0, dlq=None)
+    with pytest.raises(ValueError, match="capacity"):
+        QueueDataset(kafka, TOPIC, "g", CONFIG, 8, dlq=None, queue_batches=0)
+    ds = QueueDataset(kafka, TOPIC, "g", CONFIG, 8, dlq=None)
+    with pytest.raises(PipelineError, match="before start"):
+        ds.commit({(TOPIC, 0): 1})
+    assert ds.get(0.01) is None and ds.stats.batches == 0
 
 
 # -- InMemoryDataset: global shuffle, shards, epochs --------------------------------

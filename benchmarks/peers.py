@@ -1,0 +1,406 @@
+"""Peer online learners on the same stream: Vowpal Wabbit and River next to this project.
+
+Every learner sees the same rows once, in file order, and is scored by progressive
+validation: each row is predicted before it is learned, and the progressive AUC is
+``roc_auc_score`` over all those predictions (log loss too). Rows/s is the learner's
+own predict + learn time over the whole pass (feature strings are built beforehand
+and not timed, so the peers are not charged for this project's parsing).
+
+Learners (a row per variant):
+
+* **VW** (``vowpalwabbit``, pyvw): ``--loss_function logistic -b 24 --link logistic``
+  is the reference row; a few standard flags are tried next to it, only to report.
+  Categorical slots are features ``C7=<id>`` in namespace ``c`` (hashed by VW), dense
+  features ``I1:<value>`` in namespace ``d``.
+* **River**: ``linear_model.LogisticRegression`` with ``optim.AdaGrad`` and with
+  ``optim.FTRLProximal``; features are a dict of one-hot ``C7=<id>`` keys plus dense values.
+* **in-process**: this project's PyTorch model trained in one process, no Kafka/PS
+  (:func:`run_inprocess`), the baseline of the ratio columns;
+* **pipeline**: this project end to end (replay -> Kafka -> trainers -> PS) with 1 and
+  2 trainers (:func:`run_pipeline`).
+
+The last two are placeholders until the trainer lands; they print as "not yet". The
+peers are benchmark-only extras (``pip install -e '.[peers]'``); a missing one prints
+as "not installed".
+
+Usage::
+
+    python benchmarks/peers.py                       # the Criteo sample (train.tsv)
+    python benchmarks/peers.py --dataset FILE [--format avazu] [--limit N]
+    python benchmarks/peers.py --synthetic-rows 50000   # known optimum: prints Bayes AUC
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table
+
+from pipeline.codec.samplebatch import SampleBatch, concat
+from pipeline.errors import PipelineError
+from pipeline.ingest.adapters import FORMATS, Dataset, open_dataset
+from pipeline.ingest.generator import TrafficGenerator, exact_auc
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+#: The Criteo sample beside the project (``../shared/data``), as the tests find it.
+CRITEO_TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "train.tsv"
+
+#: VW flags of every variant; the first is the reference row named by the issue.
+VW_BASE = "--loss_function logistic -b 24 --link logistic --quiet"
+VW_VARIANTS = ("", "-l 0.1", "-l 1", "--ftrl", "-q cc")
+
+
+HEADER = (
+    *("learner", "config", "status", "rows/s", "prog AUC", "2nd half", "logloss"),
+    *("x in-proc", "dAUC"),
+)
+
+
+class NotYet(Exception):
+    """A learner this project does not have yet (printed as "not yet", not an error)."""
+
+
+@dataclass
+class Stream:
+    """The rows every learner sees, in file order, plus how to re-read them.
+
+    ``tokens[r]`` are row ``r``'s categorical features as ``"<slot>=<id>"`` strings
+    (ids are already slot-qualified 64-bit hashes); ``dense[r]`` its dense values named
+    ``dense_names``. ``batches`` are the same rows as SampleBatch (what a trainer eats);
+    ``true_p`` is the generating probability of each row of a synthetic stream.
+    """
+
+    name: str
+    dataset: Dataset
+    batches: list[SampleBatch]
+    labels: F32
+    tokens: list[list[str]]
+    dense: F32
+    dense_names: tuple[str, ...]
+    true_p: F64 | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Result:
+    """One learner's pass: its progressive predictions and the time it took."""
+
+    learner: str
+    config: str
+    preds: F64 | None = None
+    seconds: float = math.nan
+    status: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.preds is not None
+
+    def rows_per_s(self) -> float:
+        return len(self.preds) / self.seconds if self.preds is not None else math.nan
+
+
+# ------------------------------------------------------------------------ the stream
+def _tokens(batch: SampleBatch) -> list[list[str]]:
+    """``"<slot>=<id>"`` per id, per row of ``batch`` (missing slots give no token)."""
+    out: list[list[str]] = [[] for _ in range(batch.num_rows)]
+    ids = batch.ids.tolist()
+    for s, slot in enumerate(batch.slots):
+        offs = batch.offsets[s].tolist()
+        for r in range(batch.num_rows):
+            out[r].extend(f"{slot}={i}" for i in ids[offs[r] : offs[r + 1]])
+    return out
+
+
+def _stream(name: str, dataset: Dataset, batches: Sequence[SampleBatch], p: F64 | None) -> Stream:
+    if not batches:
+        raise PipelineError(f"{name}: no rows")
+    whole = concat(list(batches))
+    names = (
+        tuple(f"I{j + 1}" for j in range(whole.dense_dim))
+        if dataset.name.startswith("criteo")
+        else tuple(f"d{j}" for j in range(whole.dense_dim))
+    )
+    return Stream(
+        name=name,
+        dataset=dataset,
+        batches=list(batches),
+        labels=np.asarray(whole.labels, dtype=np.float32),
+        tokens=_tokens(whole),
+        dense=np.asarray(whole.dense, dtype=np.float32),
+        dense_names=names,
+        true_p=p,
+    )
+
+
+def load_dataset(path: Path, format: str | None, limit: int | None) -> Stream:
+    """A dataset file in file order (``limit`` rows at most)."""
+    dataset = open_dataset(path, format)
+    return _stream(
+        f"{path.name} ({dataset.name.split(':')[0]})",
+        dataset,
+        list(dataset.batches(4096, limit)),
+        None,
+    )
+
+
+def load_synthetic(rows: int, seed: int) -> Stream:
+    """The first ``rows`` samples of the synthetic generator, with their true p."""
+    gen = TrafficGenerator(seed=seed)
+    batches, ps = [], []
+    for batch, p in gen.samples(rows, 4096):
+        batches.append(batch)
+        ps.append(p)
+    return _stream(f"synthetic seed={seed}", gen.dataset(rows), batches, np.concatenate(ps))
+
+
+# ------------------------------------------------------------------------ the peers
+def _vw_lines(stream: Stream) -> list[str]:
+    """VW text features (no label): ``|c C7=<id> ... |d I1:0.69 ...`` per row."""
+    names = stream.dense_names
+    lines = []
+    for r, toks in enumerate(stream.tokens):
+        dense = " ".join(
+            f"{n}:{v:.6g}" for n, v in zip(names, stream.dense[r].tolist(), strict=True) if v
+        )
+        lines.append(f"|c {' '.join(toks)}" + (f" |d {dense}" if dense else ""))
+    return lines
+
+
+def run_vw(stream: Stream, extra: str) -> Result:
+    """Vowpal Wabbit, logistic loss: predict each row (probability), then learn it."""
+    from vowpalwabbit import Workspace  # type: ignore[import-untyped]
+
+    labels = ("1" if y > 0.5 else "-1" for y in stream.labels.tolist())
+    lines = [f"{y} {x}" for y, x in zip(labels, _vw_lines(stream), strict=True)]
+    vw = Workspace(f"{VW_BASE} {extra}".strip())
+    preds = np.empty(stream.rows, dtype=np.float64)
+    start = time.perf_counter()
+    for r, line in enumerate(lines):
+        example = vw.parse(line)  # parsed once; predict() does not learn
+        preds[r] = vw.predict(example)
+        vw.learn(example)
+        vw.finish_example(example)
+    seconds = time.perf_counter() - start
+    vw.finish()
+    return Result("VW", f"logistic -b 24 {extra}".strip(), preds, seconds)
+
+
+def _river_rows(stream: Stream) -> list[dict[str, float]]:
+    names = stream.dense_names
+    rows = []
+    for r, toks in enumerate(stream.tokens):
+        x = dict.fromkeys(toks, 1.0)
+        x.update((n, v) for n, v in zip(names, stream.dense[r].tolist(), strict=True) if v)
+        rows.append(x)
+    return rows
+
+
+def river_variants() -> list[tuple[str, Callable[[], Any]]]:
+    """(config, model factory) of every River variant: AdaGrad and FTRL-Proximal."""
+    from river import linear_model, optim
+
+    def lr(opt: Any) -> Any:
+        return linear_model.LogisticRegression(optimizer=opt)
+
+    return [
+        ("AdaGrad(lr=0.1) [default]", lambda: lr(optim.AdaGrad())),
+        ("AdaGrad(lr=0.05)", lambda: lr(optim.AdaGrad(lr=0.05))),
+        ("FTRLProximal(alpha=.05,beta=1,l1=0,l2=1) [default]", lambda: lr(optim.FTRLProximal())),
+        (
+            "FTRLProximal(alpha=.1,beta=1,l1=.1,l2=1)",
+            lambda: lr(optim.FTRLProximal(alpha=0.1, beta=1.0, l1=0.1, l2=1.0)),
+        ),
+    ]
+
+
+def run_river(stream: Stream, config: str, factory: Callable[[], Any]) -> Result:
+    """River logistic regression: ``predict_proba_one`` then ``learn_one`` per row."""
+    xs = _river_rows(stream)
+    ys = [y > 0.5 for y in stream.labels.tolist()]
+    model = factory()
+    preds = np.empty(stream.rows, dtype=np.float64)
+    start = time.perf_counter()
+    for r, x in enumerate(xs):
+        preds[r] = model.predict_proba_one(x).get(True, 0.0)
+        model.learn_one(x, ys[r])
+    return Result("River LogisticRegression", config, preds, time.perf_counter() - start)
+
+
+# ------------------------------------------------------- this project (placeholders)
+def run_inprocess(stream: Stream) -> Result:
+    """THIS PROJECT, in process: the PyTorch model trained row-batch by row-batch.
+
+    Plug-in point for the lead: train the pipeline's best model configuration on
+    ``stream`` in file order, one pass, scoring each batch before training on it, with
+    no Kafka and no PS; return a :class:`Result` with one prediction per row and the
+    seconds of the pass. The ratio columns are measured against this row.
+    """
+    raise NotYet("trainer not available yet")
+
+
+def run_pipeline(stream: Stream, trainers: int) -> Result:
+    """THIS PROJECT, end to end: replay ``stream.dataset`` -> Kafka -> ``trainers`` -> PS.
+
+    Plug-in point for the lead: start a private stack, replay the dataset in file
+    order, run ``trainers`` (1 or 2) trainer processes with progressive validation,
+    collect every row's pre-training prediction (in file order) and the wall time from
+    first sample produced to last push applied.
+    """
+    if trainers not in (1, 2):
+        raise ValueError(f"trainers must be 1 or 2, got {trainers}")
+    raise NotYet("pipeline trainer not available yet")
+
+
+# --------------------------------------------------------------------------- report
+def _log_loss(y: F32, p: F64) -> float:
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+
+def _auc(y: F32, p: F64) -> float:
+    from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
+
+    return float(roc_auc_score(y, p))
+
+
+def _attempt(learner: str, config: str, run: Callable[[], Result]) -> Result:
+    try:
+        return run()
+    except NotYet as exc:
+        return Result(learner, config, status=f"not yet ({exc})")
+    except ImportError as exc:
+        return Result(
+            learner, config, status=f"not installed ({exc.name}; pip install -e '.[peers]')"
+        )
+
+
+def report(stream: Stream, results: Sequence[Result]) -> None:
+    """The table: rows/s, progressive AUC (all rows, second half) and log loss, ratios.
+
+    Ratios are against the in-process row measured in the same run: rows/s as a
+    factor, AUC as a difference.
+    """
+    y = stream.labels
+    base = next((r for r in results if r.learner == "in-process" and r.ok), None)
+    base_rate = base.rows_per_s() if base else math.nan
+    base_auc = _auc(y, base.preds) if base and base.preds is not None else math.nan
+    half = stream.rows // 2
+    rows: list[list[object]] = []
+    for r in results:
+        if r.preds is None:
+            rows.append([r.learner, r.config, r.status, "", "", "", "", "", ""])
+            continue
+        auc, rate = _auc(y, r.preds), r.rows_per_s()
+        rows.append(
+            [
+                r.learner,
+                r.config,
+                "ok",
+                rate,
+                f"{auc:.4f}",
+                f"{_auc(y[half:], r.preds[half:]):.4f}",
+                f"{_log_loss(y, r.preds):.4f}",
+                "n/a" if math.isnan(base_rate) else f"{rate / base_rate:.2f}x",
+                "n/a" if math.isnan(base_auc) else f"{auc - base_auc:+.4f}",
+            ]
+        )
+    ctr = float(y.mean())
+    title = (
+        f"{stream.name}: {stream.rows:,} rows, CTR {ctr:.3f}, one pass in file order, "
+        "progressive validation (predict, then learn)"
+    )
+    if stream.true_p is not None:
+        title += f"; Bayes AUC of these rows {exact_auc(y, stream.true_p):.4f}"
+    print_table(
+        title,
+        HEADER,
+        rows,
+    )
+
+
+def run_all(stream: Stream, skip_pipeline: bool, vw_variants: Sequence[str]) -> None:
+    """Every learner on ``stream``, then the table."""
+    results = [_attempt("in-process", "best model config", partial(run_inprocess, stream))]
+    if not skip_pipeline:
+        for n in (1, 2):
+            results.append(
+                _attempt("pipeline", f"{n} trainer(s)", partial(run_pipeline, stream, n))
+            )
+    for flags in vw_variants:
+        config = f"logistic -b 24 {flags}".strip()
+        results.append(_attempt("VW", config, partial(run_vw, stream, flags)))
+    try:
+        variants = river_variants()
+    except ImportError as exc:
+        results.append(Result("River", "-", status=f"not installed ({exc.name})"))
+    else:
+        for config, factory in variants:
+            learner = "River LogisticRegression"
+            results.append(_attempt(learner, config, partial(run_river, stream, config, factory)))
+    report(stream, results)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--dataset",
+        type=Path,
+        default=CRITEO_TSV,
+        help="a dataset file (default: the Criteo sample train.tsv)",
+    )
+    ap.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default=None,
+        help="dataset format (detected when omitted)",
+    )
+    ap.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    ap.add_argument(
+        "--synthetic-rows",
+        type=int,
+        default=0,
+        help="instead of --dataset: this many rows of the synthetic generator",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="synthetic generator seed")
+    ap.add_argument(
+        "--skip-pipeline", action="store_true", help="do not run the end-to-end pipeline rows"
+    )
+    ap.add_argument(
+        "--vw",
+        choices=("all", "reference"),
+        default="all",
+        help="VW variants: the reference row only, or all",
+    )
+    args = ap.parse_args(argv)
+    try:
+        if args.synthetic_rows:
+            stream = load_synthetic(args.synthetic_rows, args.seed)
+        else:
+            stream = load_dataset(args.dataset, args.format, args.limit)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    variants = VW_VARIANTS if args.vw == "all" else VW_VARIANTS[:1]
+    run_all(stream, args.skip_pipeline, variants)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
