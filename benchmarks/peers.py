@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -244,28 +245,94 @@ def run_river(stream: Stream, config: str, factory: Callable[[], Any]) -> Result
 
 
 # ------------------------------------------------------- this project (placeholders)
-def run_inprocess(stream: Stream) -> Result:
-    """THIS PROJECT, in process: the PyTorch model trained row-batch by row-batch.
+BEST_BATCH_ROWS = 32  # rows per sparse update on a young stream (docs/trainer.md, "Defaults")
 
-    Plug-in point for the lead: train the pipeline's best model configuration on
-    ``stream`` in file order, one pass, scoring each batch before training on it, with
-    no Kafka and no PS; return a :class:`Result` with one prediction per row and the
-    seconds of the pass. The ratio columns are measured against this row.
+
+def _train_batches(stream: Stream, rows: int) -> list[Any]:
+    from pipeline.codec.samplebatch import concat
+    from pipeline.train.batching import TrainBatch
+
+    whole = concat(stream.batches)
+    return [
+        TrainBatch(whole.slice(lo, min(lo + rows, whole.num_rows)), (), 0)
+        for lo in range(0, whole.num_rows, rows)
+    ]
+
+
+def _train(stream: Stream, backend_for: Callable[[list[Any]], Any], label: str) -> Result:
+    from pipeline.train.defaults import default_model, default_tables
+    from pipeline.train.settings import TrainerSettings
+    from pipeline.train.trainer import IterSource, Trainer
+
+    layout = stream.batches[0].config
+    prefix = f"peers{os.getpid()}_"
+    tables = default_tables(layout, prefix)
+    spec = default_model(layout, "deepfm", prefix)
+    batches = _train_batches(stream, BEST_BATCH_ROWS)
+    settings = TrainerSettings(mode="sync", batch_rows=BEST_BATCH_ROWS, device="cpu")
+    backend = backend_for(tables)
+    trainer = Trainer(spec, {t.name: t for t in tables}, backend, settings, keep_predictions=True)
+    began = time.perf_counter()
+    result = trainer.run(IterSource(batches))
+    seconds = time.perf_counter() - began
+    trainer.close()
+    preds = np.concatenate(result.predictions).astype(np.float64)
+    return Result(label, f"deepfm, layout lr rule, {BEST_BATCH_ROWS} rows, sync", preds, seconds)
+
+
+def run_inprocess(stream: Stream) -> Result:
+    """THIS PROJECT, in process: the Trainer on LocalBackend (no Kafka, no PS).
+
+    The pipeline's best configuration for a young stream: DeepFM with the layout's
+    default learning rates (pipeline.train.defaults), 32-row sync steps.
     """
-    raise NotYet("trainer not available yet")
+    from pipeline.train.backend import LocalBackend
+
+    return _train(stream, LocalBackend, "in-process")
+
+
+def run_ps(stream: Stream) -> Result:
+    """THIS PROJECT on the parameter server: 2 shard servers + a private redis-server."""
+    import threading
+
+    import redis
+    from _common import private_redis
+
+    from pipeline.ps.client import PSClient
+    from pipeline.ps.server import ServerOptions, ShardServer
+
+    with private_redis() as url:
+        stop = threading.Event()
+        servers: list[Any] = []
+        threads: list[threading.Thread] = []
+
+        def backend_for(tables: list[Any]) -> Any:
+            for shard in range(2):
+                srv = ShardServer(
+                    redis.Redis.from_url(url), tables, shard, 2, ServerOptions(block_ms=2)
+                )
+                servers.append(srv)
+                threads.append(threading.Thread(target=srv.run, args=(stop,), daemon=True))
+                threads[-1].start()
+            return PSClient(redis.Redis.from_url(url), trainer_id="peers")
+
+        try:
+            return _train(stream, backend_for, "PS, 2 shards")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+            for srv in servers:
+                srv.close()
 
 
 def run_pipeline(stream: Stream, trainers: int) -> Result:
-    """THIS PROJECT, end to end: replay ``stream.dataset`` -> Kafka -> ``trainers`` -> PS.
+    """THIS PROJECT, end to end through Kafka (replay -> trainers -> PS): not wired yet.
 
-    Plug-in point for the lead: start a private stack, replay the dataset in file
-    order, run ``trainers`` (1 or 2) trainer processes with progressive validation,
-    collect every row's pre-training prediction (in file order) and the wall time from
-    first sample produced to last push applied.
+    benchmarks/train.py measures that path's throughput; the progressive-AUC run of
+    the replayed stream through Kafka belongs to the end-to-end job.
     """
-    if trainers not in (1, 2):
-        raise ValueError(f"trainers must be 1 or 2, got {trainers}")
-    raise NotYet("pipeline trainer not available yet")
+    raise NotYet("Kafka end-to-end AUC run: see benchmarks/train.py for its throughput")
 
 
 # --------------------------------------------------------------------------- report
@@ -338,6 +405,7 @@ def report(stream: Stream, results: Sequence[Result]) -> None:
 def run_all(stream: Stream, skip_pipeline: bool, vw_variants: Sequence[str]) -> None:
     """Every learner on ``stream``, then the table."""
     results = [_attempt("in-process", "best model config", partial(run_inprocess, stream))]
+    results.append(_attempt("PS, 2 shards", "best model config", partial(run_ps, stream)))
     if not skip_pipeline:
         for n in (1, 2):
             results.append(

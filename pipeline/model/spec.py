@@ -72,7 +72,9 @@ class ModelSpec:
     ``deep_table`` (dim ``deep_dim``), which ``lr`` ignores (stored as None).
     ``bias_init`` None means the trainer sets the output bias to logit(CTR) of its
     first batch. Dense parameters (bias, dense linear, MLP) live in the PS dense
-    table :meth:`dense_table_name` and are trained by ``dense_optimizer``.
+    table :meth:`dense_table_name` and are trained by ``dense_optimizer``, except
+    that with ``linear_lr`` set the bias and the dense linear weights get their own
+    per-coordinate Adagrad at that rate (like the wide table's ids).
     """
 
     name: str = "ctr"
@@ -87,6 +89,7 @@ class ModelSpec:
     dense_lr: float = 1e-3
     bias_init: float | None = None
     dropout: float = 0.0
+    linear_lr: float | None = None
 
     def __post_init__(self) -> None:
         _name("name", self.name)
@@ -128,6 +131,11 @@ class ModelSpec:
         object.__setattr__(self, "dense_lr", lr)
         if self.bias_init is not None:
             object.__setattr__(self, "bias_init", _float("bias_init", self.bias_init))
+        if self.linear_lr is not None:
+            linear_lr = _float("linear_lr", self.linear_lr)
+            if linear_lr <= 0:
+                raise SpecError("linear_lr", f"must be > 0, got {self.linear_lr!r}")
+            object.__setattr__(self, "linear_lr", linear_lr)
         dropout = _float("dropout", self.dropout)
         if not 0.0 <= dropout < 1.0:
             raise SpecError("dropout", f"must be in [0, 1), got {self.dropout!r}")

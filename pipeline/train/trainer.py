@@ -520,10 +520,39 @@ def _offset_map(sources: Iterable[Source]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer:
-    params = list(model.parameters())
-    if spec.dense_optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.dense_lr)
-    if spec.dense_optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=spec.dense_lr)
-    return torch.optim.SGD(params, lr=spec.dense_lr)
+class _Optimizers:
+    """Several torch optimizers stepped together (linear terms vs the MLP)."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+
+def _make(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1)
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer | _Optimizers:
+    """``dense_optimizer`` for everything, or Adagrad at ``linear_lr`` for bias + linear."""
+    if spec.linear_lr is None:
+        return _make(spec.dense_optimizer, list(model.parameters()), spec.dense_lr)
+    linear: list[torch.Tensor] = [model.bias]
+    if model.dense_linear is not None:
+        linear.append(model.dense_linear.weight)
+    chosen = {id(p) for p in linear}
+    rest: list[torch.Tensor] = [p for p in model.parameters() if id(p) not in chosen]
+    parts = [_make("adagrad", linear, spec.linear_lr)]
+    if rest:
+        parts.append(_make(spec.dense_optimizer, rest, spec.dense_lr))
+    return _Optimizers(parts)
