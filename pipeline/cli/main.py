@@ -54,6 +54,7 @@ def _register() -> None:
         metrics,
         produce,
         ps,
+        publish,
         replay,
         smoke,
         stack,
@@ -75,6 +76,8 @@ def _register() -> None:
     cli.add_command(train.train)
     cli.add_command(infer.infer)
     cli.add_command(metrics.metrics)
+    cli.add_command(publish.publish)
+    cli.add_command(publish.subscribe)
 
 
 _register()

@@ -39,6 +39,7 @@ from pipeline.ps.export import export_table, import_table
 from pipeline.ps.gradstream import StreamEntryError, decode_push, stream_id_tuple
 from pipeline.ps.keys import ShardKeys
 from pipeline.ps.spec import TableSpec
+from pipeline.ps.staging.tracker import PublishTracker
 from pipeline.ps.table import PushRejected, ShardTable, cold_width
 
 __all__ = ["GROUP", "ServerOptions", "ShardServer"]
@@ -73,6 +74,7 @@ class _Shard:
     applied: bytes = b"0-0"
     checkpointed: bytes = b"0-0"
     dirty: bool = False
+    publish: PublishTracker = field(default_factory=PublishTracker)
 
 
 @dataclass
@@ -241,6 +243,12 @@ class ShardServer:
             try:
                 push = decode_push(fields, state.spec.dim)
                 if push.kind == "barrier":
+                    # A publish request is staged, not kept in meta (one per version).
+                    staged = state.publish.on_barrier(
+                        self.redis, state.keys, state.table, push.barrier
+                    )
+                    if staged is not None:
+                        continue
                     barriers[f"barrier:{push.barrier}".encode()] = entry_id
                     continue
                 apply = state.table.apply_delta if push.kind == "delta" else state.table.apply_push
@@ -250,6 +258,7 @@ class ShardServer:
                 self.stats.rejected[reason] += 1
                 log.warning("%s: rejected entry %r: %s", state.keys.tag, entry_id, exc)
                 continue
+            state.publish.record(result.changed_ids, push.max_event_time, push.offsets)
             changed_ids.append(result.changed_ids)
             changed_w.append(result.changed_weights)
             self.stats.rows += len(push.ids)
@@ -290,6 +299,7 @@ class ShardServer:
         deleted = 0
         for state in self._tables.values():
             ids = state.table.shrink(self.clock())
+            state.publish.record_deleted(ids)
             if len(ids):
                 pipe = self.redis.pipeline(transaction=False)
                 pullview.delete_rows(pipe, state.keys, ids)

@@ -1,0 +1,160 @@
+"""``pipeline publish run|export`` and ``pipeline subscribe``: thin layers over pipeline.publish."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.cli.options import bootstrap_option, prefix_option, redis_url_option
+from pipeline.config import KafkaSettings, RedisSettings, TopicsSettings, load
+from pipeline.errors import PipelineError
+from pipeline.model.spec import ModelSpec
+
+__all__ = ["publish", "subscribe"]
+
+TOPIC = "model.updates"
+_model_option = click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Model spec YAML (deploy/models/*.yaml)",
+)
+
+
+def _topic(prefix: str | None) -> str:
+    return load(TopicsSettings, prefix=prefix).prefix + TOPIC
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+@click.group()
+def publish() -> None:
+    """Publish model versions to model.updates, or export one as files."""
+
+
+@publish.command("run")
+@_model_option
+@click.option("--interval", "interval_s", type=float, default=60.0, show_default=True)
+@click.option("--base-every", type=int, default=10, show_default=True, help="A base every K")
+@click.option("--max-chunk-bytes", type=int, default=8 << 20, show_default=True)
+@click.option("--once", is_flag=True, help="Publish one version and exit")
+@bootstrap_option
+@redis_url_option
+@prefix_option
+def run(
+    model_path: str,
+    interval_s: float,
+    base_every: int,
+    max_chunk_bytes: int,
+    once: bool,
+    bootstrap: str | None,
+    redis_url: str | None,
+    prefix: str | None,
+) -> None:
+    """Publish a version every INTERVAL seconds (one active publisher per model)."""
+    from pipeline.kafka import producer
+    from pipeline.ps.frontclient import connect
+    from pipeline.publish.publisher import Publisher
+
+    model = ModelSpec.from_yaml(model_path)
+    pub = Publisher(
+        connect(load(RedisSettings, url=redis_url)),
+        producer(load(KafkaSettings, bootstrap=bootstrap)),
+        _topic(prefix),
+        model,
+        base_every=base_every,
+        max_chunk_bytes=max_chunk_bytes,
+    )
+
+    def report(v: Any) -> None:
+        click.echo(
+            f"version {v.version} {v.kind} parent={v.parent} rows={v.rows} "
+            f"tombstones={v.tombstones} bytes={v.payload_bytes} in {v.seconds:.2f}s"
+        )
+
+    if once:
+        try:
+            report(pub.publish())
+        finally:
+            pub.release()
+        return
+    pub.run(_stop_on_signals(), interval_s, report)
+
+
+def _follow(model: ModelSpec, bootstrap: str | None, prefix: str | None, **kwargs: Any) -> Any:
+    from pipeline.publish.subscriber import Subscriber
+
+    return Subscriber.connect(
+        load(KafkaSettings, bootstrap=bootstrap), _topic(prefix), model, **kwargs
+    )
+
+
+@publish.command("export")
+@_model_option
+@click.option("--version", "version", type=int, required=True, help="Version to export")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
+@bootstrap_option
+@prefix_option
+def export(
+    model_path: str,
+    version: int,
+    out: str,
+    timeout_s: float,
+    bootstrap: str | None,
+    prefix: str | None,
+) -> None:
+    """Rebuild VERSION from model.updates and write it as .npy files + manifest.json."""
+    from pipeline.publish.export import export_version
+
+    sub = _follow(ModelSpec.from_yaml(model_path), bootstrap, prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while sub.live is None or sub.live.version < version:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"version {version} did not arrive within {timeout_s:g} s")
+            sub.poll(0.5)
+    finally:
+        sub.close()
+    if sub.live.version != version:
+        raise PipelineError(
+            f"version {version} was not applied (now at {sub.live.version}); see the log"
+        )
+    click.echo(str(export_version(sub.live, Path(out))))
+
+
+@click.command()
+@_model_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version")
+@bootstrap_option
+@prefix_option
+def subscribe(model_path: str, as_json: bool, bootstrap: str | None, prefix: str | None) -> None:
+    """Follow model.updates: apply versions and print each with its freshness."""
+
+    def show(event: Any, live: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(event.__dict__, default=str))
+            return
+        fresh = "n/a" if event.freshness_ms is None else f"{event.freshness_ms / 1000:.1f}s"
+        click.echo(
+            f"version {event.version} {event.kind} {event.status} freshness={fresh} "
+            f"rows={event.rows} {event.reason}".rstrip()
+        )
+
+    sub = _follow(ModelSpec.from_yaml(model_path), bootstrap, prefix, on_version=show)
+    try:
+        sub.run(_stop_on_signals())
+    finally:
+        sub.close()
