@@ -30,7 +30,9 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.ps.index import SlotMap
 
-__all__ = ["CacheFull", "CacheStats", "DeviceCache"]
+__all__ = ["GEO_INITIAL_ACCUMULATOR", "CacheFull", "CacheStats", "DeviceCache"]
+
+GEO_INITIAL_ACCUMULATOR = 0.1
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -137,7 +139,12 @@ class DeviceCache:
             if self.base is not None and self.accum is not None and self.recent is not None:
                 values = values + self.recent[index]
                 self.base[index] = values
-                self.accum[index] = 0.0
+                # a re-pulled resident row keeps its accumulator (resetting it makes
+                # every refresh restart with large steps); new rows start at 0.1 like
+                # the tables' Adagrad
+                if n_new:
+                    fresh = torch.from_numpy(slots[new]).to(self.device)
+                    self.accum[fresh] = GEO_INITIAL_ACCUMULATOR
             self.weight[index] = values
             self.found[slots] = found
             self._pulled[slots] = pass_no

@@ -68,8 +68,9 @@ def test_geo_local_steps_and_deltas() -> None:
     grad = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
     cache.local_step(slots, grad, lr=0.1)
     delta = cache.take_deltas(cache.slots(ids))
-    # Adagrad from a zero accumulator: step = lr * g / |g| on admitted rows only
-    expected = -0.1 * grad[0].numpy() / (np.abs(grad[0].numpy()) + 1e-6)
+    # Adagrad from the initial accumulator, admitted rows only
+    g0 = grad[0].numpy()
+    expected = -0.1 * g0 / (np.sqrt(0.1 + g0 * g0) + 1e-6)
     np.testing.assert_allclose(delta[0], expected, rtol=1e-5)
     np.testing.assert_array_equal(delta[1], 0.0)
     assert np.abs(cache.take_deltas(cache.slots(ids))).max() == 0.0  # base moved
@@ -77,7 +78,10 @@ def test_geo_local_steps_and_deltas() -> None:
     cache.take_deltas(cache.slots(ids))
     cache.local_step(slots, grad, lr=0.1)
     sent = cache.take_deltas(cache.slots(ids))
+    assert cache.accum is not None
+    acc_before = cache.accum[slots[:1]].clone()
     cache.install(ids[:1], base[:1], np.array([True]), ids, 2)
+    assert torch.equal(cache.accum[slots[:1]], acc_before)  # a refresh keeps the accumulator
     got = cache.weight[slots[:1]].numpy()
     np.testing.assert_allclose(got[0], base[0] + sent[0], rtol=1e-6)
 
