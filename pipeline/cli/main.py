@@ -57,6 +57,7 @@ def _register() -> None:
         publish,
         replay,
         smoke,
+        snapshot,
         stack,
         topics,
         train,
@@ -78,6 +79,7 @@ def _register() -> None:
     cli.add_command(metrics.metrics)
     cli.add_command(publish.publish)
     cli.add_command(publish.subscribe)
+    cli.add_command(snapshot.snapshot)
 
 
 _register()

@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
     default=None,
     help="Seconds between checkpoints [env PIPELINE_PS_CHECKPOINT_INTERVAL_S]",
 )
+@click.option(
+    "--restore",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Start from this snapshot directory (verified; see docs/snapshots.md)",
+)
 @redis_url_option
 def ps(
     shard: int | None,
@@ -57,6 +63,7 @@ def ps(
     data_dir: str | None,
     hot_budget_rows: int | None,
     checkpoint_interval_s: float | None,
+    restore: str | None,
     redis_url: str | None,
 ) -> None:
     """Serve one shard of every table: apply pushes, update the pull view, checkpoint."""
@@ -83,6 +90,7 @@ def ps(
         read_count=settings.read_count,
         block_ms=settings.block_ms,
         cold_block_cache_bytes=settings.cold_block_cache_mb << 20,
+        restore=Path(restore) if restore else None,
     )
     server = ShardServer(client, specs, settings.shard, settings.shards, options)
     stop = threading.Event()

@@ -15,6 +15,12 @@ keeps its data; each is applied exactly once to the restored state. Without a
 entries are applied: a crash loses the table (Redis still serves the last
 weights). If Redis itself is flushed, the server rebuilds the pull view and
 its consumer groups from its table; pushes still in the lost streams are gone.
+
+Snapshots (pipeline.snapshot): a ``snap:<id>`` barrier makes the server save
+every table as of that point in its stream. With ``restore`` the server starts
+from a snapshot instead (verified; its own checkpoints are ignored), replaces
+its pull view with the snapshot's rows and skips every entry already in its
+streams: trainers replay from the snapshot's offsets.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import numpy as np
 from pipeline.ps import pullview
 from pipeline.ps.accessor import Clock, system_clock
 from pipeline.ps.client import registry_key
-from pipeline.ps.export import export_table, import_table
+from pipeline.ps.export import ExportError, export_table, import_table
 from pipeline.ps.gradstream import StreamEntryError, decode_push, stream_id_tuple
 from pipeline.ps.keys import ShardKeys
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.staging.tracker import PublishTracker
 from pipeline.ps.table import PushRejected, ShardTable, cold_width
+from pipeline.snapshot.layout import SnapshotError, load_snapshot
+from pipeline.snapshot.shard import on_barrier as snapshot_barrier
 
 __all__ = ["GROUP", "ServerOptions", "ShardServer"]
 
@@ -62,6 +70,7 @@ class ServerOptions:
     block_ms: int = 100
     cold_block_cache_bytes: int = 512 << 20
     keep_checkpoints: int = 2
+    restore: Path | None = None
 
 
 @dataclass
@@ -74,6 +83,7 @@ class _Shard:
     applied: bytes = b"0-0"
     checkpointed: bytes = b"0-0"
     dirty: bool = False
+    restored: bool = False
     publish: PublishTracker = field(default_factory=PublishTracker)
 
 
@@ -86,6 +96,16 @@ class ServerStats:
     rejected: Counter[str] = field(default_factory=Counter)
     checkpoints: int = 0
     rebuilds: int = 0
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """``raw`` with Redis glob metacharacters escaped (for SCAN MATCH)."""
+    out = bytearray()
+    for byte in raw:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
 
 
 def _single_node_type() -> type:
@@ -115,9 +135,13 @@ class ShardServer:
         self.consumer = f"shard-{shard}".encode()
         self.stats = ServerStats()
         self._cluster = not isinstance(client, _single_node_type())
+        self._snapshot = (
+            load_snapshot(self.options.restore) if self.options.restore is not None else None
+        )
         self._tables = {spec.name: self._open(spec) for spec in specs}
         self._last_checkpoint = time.monotonic()
         self._last_shrink = time.monotonic()
+        self.ready = threading.Event()  # set by run() once the pull view is published
 
     # -- setup ---------------------------------------------------------------
     def _dir(self, spec: TableSpec) -> Path | None:
@@ -137,7 +161,15 @@ class ShardServer:
             cold = SsdTier(cold_dir, width, block_cache_bytes=self.options.cold_block_cache_bytes)
         table = ShardTable(spec, cold, self.options.hot_budget_rows, self.clock)
         state = _Shard(spec, ShardKeys(spec.name, self.shard), table)
-        if directory is not None and (directory / CURRENT).exists():
+        if self._snapshot is not None:
+            part = self._snapshot.part(spec.name, self.shard, self.shards)
+            try:
+                rows = import_table(table, part)
+            except (ExportError, OSError) as exc:
+                raise SnapshotError(f"cannot restore {state.keys.tag} from {part}: {exc}") from None
+            state.restored = state.dirty = True
+            log.info("%s: restored %d rows from snapshot %s", state.keys.tag, rows, part)
+        elif directory is not None and (directory / CURRENT).exists():
             info = json.loads((directory / CURRENT).read_text())
             rows = import_table(table, directory / info["checkpoint"])
             state.applied = state.checkpointed = info["stream_id"].encode()
@@ -148,8 +180,29 @@ class ShardServer:
         """Register tables, position consumer groups, publish the pull view."""
         for state in self._tables.values():
             self._register(state)
+            if state.restored:
+                self._forget_stream_and_view(state)
             self._position_group(state)
             self._rebuild_pull_view(state)
+        if any(s.restored for s in self._tables.values()):
+            for state in self._tables.values():
+                state.restored = False
+            if self.options.data_dir is not None:
+                self.checkpoint()  # a restart resumes from the snapshot, not older checkpoints
+
+    def _forget_stream_and_view(self, state: _Shard) -> None:
+        """After a restore: skip what the stream holds, drop pull-view rows of the old state."""
+        last = self.redis.xrevrange(state.keys.stream, count=1)
+        state.applied = state.checkpointed = last[0][0] if last else b"0-0"
+        pattern = _glob_escape(state.keys.pull_prefix) + b"*"
+        stale: list[bytes] = []
+        for key in self.redis.scan_iter(match=pattern, count=10_000):
+            stale.append(key)
+            if len(stale) >= pullview.WRITE_CHUNK:
+                self.redis.delete(*stale)
+                stale = []
+        if stale:
+            self.redis.delete(*stale)
 
     def _register(self, state: _Shard) -> None:
         info = {"dim": state.spec.dim, "shards": self.shards}
@@ -249,6 +302,16 @@ class ShardServer:
                     )
                     if staged is not None:
                         continue
+                    if snapshot_barrier(
+                        self.redis,
+                        state.keys,
+                        state.table,
+                        self.shards,
+                        push.barrier,
+                        entry_id,
+                        state.publish,
+                    ):
+                        continue
                     barriers[f"barrier:{push.barrier}".encode()] = entry_id
                     continue
                 apply = state.table.apply_delta if push.kind == "delta" else state.table.apply_push
@@ -330,6 +393,7 @@ class ShardServer:
     def run(self, stop: threading.Event, on_step: Callable[[int], None] | None = None) -> None:
         """Serve until ``stop`` is set; checkpoints once more on the way out."""
         self.start()
+        self.ready.set()
         while not stop.is_set():
             applied = self.step()
             if on_step is not None:
