@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as JSON")
 @click.option(
+    "--resume",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Start the group at a snapshot's offsets (pipeline snapshot; group must be stopped)",
+)
+@click.option(
     "--predictions-out",
     type=click.Path(dir_okay=False),
     default=None,
@@ -71,6 +78,7 @@ def train(
     idle_exit: float | None,
     as_json: bool,
     predictions_out: str | None,
+    resume: str | None,
     **options: Any,
 ) -> None:
     """Train a model on the samples topic against the parameter server.
@@ -95,6 +103,7 @@ def train(
         idle_exit_s=idle_exit,
         stop=stop,
         keep_predictions=predictions_out is not None,
+        resume=Path(resume) if resume else None,
     )
     if predictions_out is not None:
         empty = np.zeros(0, np.float32)

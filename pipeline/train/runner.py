@@ -76,6 +76,7 @@ class TrainerRole:
         stop: threading.Event | None = None,
         on_ready: Callable[[Trainer], None] | None = None,
         keep_predictions: bool = False,
+        resume: Path | None = None,
     ) -> TrainResult:
         s = self.settings
         catalog = {t.name: t for t in load_catalog(Path(s.tables) if s.tables else None)}
@@ -85,6 +86,12 @@ class TrainerRole:
         ps = PSClient(client, trainer_id=trainer_id, max_inflight=s.max_inflight)
         for table in self.spec.tables():
             ps.route(table)  # fails with a clear message when no shard server registered it
+        group = f"{self.prefix}train.{s.job}"
+        if resume is not None:
+            from pipeline.snapshot.restore import resume_positions
+            from pipeline.train.resume import seek_group
+
+            seek_group(self.kafka, group, resume_positions(resume))
         producer = kafka_io.producer(self.kafka)
         dlq = DeadLetterWriter(producer, self.prefix + s.dlq_topic)
         metrics = WindowedMetrics(window_s=s.metrics_window_s)
@@ -97,7 +104,7 @@ class TrainerRole:
         dataset = QueueDataset(
             self.kafka,
             self.prefix + s.samples_topic,
-            f"{self.prefix}train.{s.job}",
+            group,
             SlotConfig(self.spec.slots, self.spec.dense_dim),
             s.batch_rows,
             dlq=dlq,
