@@ -56,6 +56,7 @@ def _register() -> None:
         ps,
         publish,
         replay,
+        serve,
         smoke,
         snapshot,
         stack,
@@ -79,6 +80,7 @@ def _register() -> None:
     cli.add_command(metrics.metrics)
     cli.add_command(publish.publish)
     cli.add_command(publish.subscribe)
+    cli.add_command(serve.serve)
     cli.add_command(snapshot.snapshot)
 
 
