@@ -13,7 +13,8 @@ the tables with ``--rows`` rows (dim 16 deep + dim 1 wide), then measures in ONE
   every interval, a subscriber records apply time - newest event time per version;
   p50/p99 printed (target p99 <= 2 s).
 
-Snapshot timings live with the snapshot coordinator (not measured here).
+- a consistent snapshot of the same tables (coordinator + shard export at the
+  barrier, both shards, checksummed manifest).
 
     python benchmarks/publish.py                  # 1M rows
     python benchmarks/publish.py --rows 10000000  # 10M rows (needs ~6 GB RAM)
@@ -22,6 +23,7 @@ Snapshot timings live with the snapshot coordinator (not measured here).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -44,6 +46,7 @@ from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
 from pipeline.publish.publisher import Publisher
 from pipeline.publish.subscriber import Subscriber
+from pipeline.snapshot.coordinator import SnapshotCoordinator
 from pipeline.stack import EmbeddedStack, free_port
 from pipeline.topics import apply_topics, load_topic_specs
 
@@ -118,6 +121,16 @@ def main() -> int:
         _fill(ps, ids[: args.delta_rows])
         delta = pub.publish()
         raw_s = _raw_produce(stack.bootstrap, "b.metrics", base.payload_bytes)
+        snap_dir = Path(tempfile.mkdtemp(prefix="snapbench-"))
+        coordinator = SnapshotCoordinator(
+            client, snap_dir, tables=["wide", "deep"], dense=[model.dense_table_name()]
+        )
+        t0 = time.perf_counter()
+        taken = coordinator.take()
+        snap_s = time.perf_counter() - t0
+        coordinator.release()
+        snap_mb = sum(f.stat().st_size for f in taken.path.rglob("*") if f.is_file()) / 1e6
+        shutil.rmtree(snap_dir, ignore_errors=True)
         sub = Subscriber.connect(kafka, topic, model)
         t0 = time.perf_counter()
         while sub.live is None or sub.live.version < delta.version:
@@ -173,6 +186,12 @@ def main() -> int:
                 f"{delta.seconds / raw_s:.2f}",
             ],
             [
+                "snapshot (both shards, checksummed)",
+                f"{sum(taken.rows.values()):,}",
+                f"{snap_s:.2f}",
+                f"{snap_s / raw_s:.2f}",
+            ],
+            [
                 "subscriber read + apply (base + delta)",
                 f"{rows_applied:,}",
                 f"{apply_s:.2f}",
@@ -185,6 +204,7 @@ def main() -> int:
             rows,
         )
         print(f"  subscriber apply rate: {rows_applied / apply_s:,.0f} rows/s")
+        print(f"  snapshot: {snap_mb:.0f} MB on disk")
         if fresh:
             p50, p99 = np.percentile(fresh, [50, 99])
             print(
