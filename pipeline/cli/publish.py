@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from pipeline.cli.options import bootstrap_option, prefix_option, redis_url_option
+from pipeline.codec import avro
 from pipeline.config import KafkaSettings, RedisSettings, TopicsSettings, load
 from pipeline.errors import PipelineError
 from pipeline.model.spec import ModelSpec
@@ -69,9 +70,11 @@ def run(
     from pipeline.publish.publisher import Publisher
 
     model = ModelSpec.from_yaml(model_path)
+    kafka_producer = producer(load(KafkaSettings, bootstrap=bootstrap))
+    metrics_topic = load(TopicsSettings, prefix=prefix).prefix + "metrics"
     pub = Publisher(
         connect(load(RedisSettings, url=redis_url)),
-        producer(load(KafkaSettings, bootstrap=bootstrap)),
+        kafka_producer,
         _topic(prefix),
         model,
         base_every=base_every,
@@ -79,18 +82,39 @@ def run(
     )
 
     def report(v: Any) -> None:
+        now_ms = int(time.time() * 1000)
+        fresh = now_ms - v.max_event_time if v.max_event_time > 0 else None
         click.echo(
             f"version {v.version} {v.kind} parent={v.parent} rows={v.rows} "
             f"tombstones={v.tombstones} bytes={v.payload_bytes} in {v.seconds:.2f}s"
+            + (f" freshness={fresh / 1000:.2f}s" if fresh is not None else "")
         )
+        if fresh is not None:
+            # freshness at publication: newest event time covered -> version published
+            record = {
+                "name": "publish_freshness_ms",
+                "window_start_ms": v.max_event_time,
+                "window_end_ms": now_ms,
+                "trainer_id": "publisher",
+                "labels": {"model": model.name, "version": str(v.version), "kind": v.kind},
+                "value": float(fresh),
+                "auc_buckets": None,
+            }
+            key = f"publish_freshness_ms|{model.name}".encode()
+            kafka_producer.produce(metrics_topic, avro.encode("Metric", record), key=key)
+            kafka_producer.poll(0)
 
     if once:
         try:
             report(pub.publish())
         finally:
             pub.release()
+            kafka_producer.flush(10)
         return
-    pub.run(_stop_on_signals(), interval_s, report)
+    try:
+        pub.run(_stop_on_signals(), interval_s, report)
+    finally:
+        kafka_producer.flush(10)
 
 
 def _follow(model: ModelSpec, bootstrap: str | None, prefix: str | None, **kwargs: Any) -> Any:
