@@ -38,6 +38,11 @@ def snapshot() -> None:
 @click.option("--name", default="default", show_default=True, help="Series (lock) name")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True)
 @click.option("--once", is_flag=True, help="Take one snapshot and exit")
+@click.option(
+    "--job",
+    default=None,
+    help="Trainer job whose live trainers place the barriers (exact offsets; docs/snapshots.md)",
+)
 @redis_url_option
 def run(
     directory: str,
@@ -49,6 +54,7 @@ def run(
     name: str,
     timeout_s: float,
     once: bool,
+    job: str | None,
     redis_url: str | None,
 ) -> None:
     """Take a snapshot every INTERVAL seconds into DIR (one active coordinator per name)."""
@@ -68,6 +74,7 @@ def run(
         keep_daily=keep_daily,
         name=name,
         ack_timeout_s=timeout_s,
+        job=job,
     )
 
     def report(t: TakenSnapshot) -> None:

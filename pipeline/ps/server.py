@@ -310,6 +310,7 @@ class ShardServer:
                         push.barrier,
                         entry_id,
                         state.publish,
+                        push.trainer,
                     ):
                         continue
                     barriers[f"barrier:{push.barrier}".encode()] = entry_id

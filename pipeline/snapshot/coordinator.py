@@ -14,6 +14,14 @@ a filesystem every shard server and the coordinator see at the same path.
 
 Single instance: a Redis lock (``SET NX PX`` with a token) is held while
 snapshotting and checked again before the rename.
+
+With ``job`` set and trainers of that job live (heartbeats of
+:class:`~pipeline.snapshot.participant.SnapshotParticipant`), step (2) is the
+trainers': the request lists them, each flushes and places its own barriers with
+its committed offsets, registers, and holds its pushes until the request closes;
+shards save at the barrier that completes the list. The manifest's offsets are
+then the union of the trainers' committed positions (exact), and each trainer's
+dense and optimizer state is saved under ``trainers/<id>.bin``.
 """
 
 from __future__ import annotations
@@ -47,11 +55,16 @@ from pipeline.snapshot.layout import (
 from pipeline.snapshot.protocol import (
     REQUEST_TTL_MS,
     PartAck,
+    TrainerRegistration,
     acks_key,
     barrier_name,
+    live_key,
     lock_key,
+    open_key,
     request_key,
     seq_key,
+    trainer_state_key,
+    trainers_key,
 )
 
 __all__ = ["SnapshotCoordinator", "TakenSnapshot"]
@@ -94,6 +107,7 @@ class SnapshotCoordinator:
         keep: int = 5,
         keep_daily: int = 7,
         name: str = "default",
+        job: str | None = None,
         ack_timeout_s: float = 300.0,
         lock_ttl_ms: int = 600_000,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
@@ -108,6 +122,7 @@ class SnapshotCoordinator:
         self.dense_tables = list(dense)
         self.keep, self.keep_daily = keep, keep_daily
         self.name = name
+        self.job = job
         self.ack_timeout_s = ack_timeout_s
         self.lock_ttl_ms = lock_ttl_ms
         self.clock_ms = clock_ms
@@ -148,13 +163,21 @@ class SnapshotCoordinator:
         tmp = self.directory / (snapshot_id + TMP_SUFFIX)
         final = self.directory / snapshot_id
         tmp.mkdir()
+        trainers = self.live_trainers()
+        request: dict[bytes, bytes] = {b"dir": str(tmp).encode()}
+        if trainers:
+            request[b"trainers"] = json.dumps(trainers).encode()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(request_key(snapshot_id), mapping={b"dir": str(tmp).encode()})
+        pipe.hset(request_key(snapshot_id), mapping=request)
         pipe.pexpire(request_key(snapshot_id), REQUEST_TTL_MS)
+        if trainers:
+            assert self.job is not None
+            pipe.set(open_key(self.job), snapshot_id.encode(), px=REQUEST_TTL_MS)
         pipe.execute()
         try:
-            acks = self._collect(snapshot_id)
-            manifest = self._manifest(snapshot_id, created, tmp, acks)
+            registrations = self._wait_trainers(snapshot_id, trainers) if trainers else {}
+            acks = self._collect(snapshot_id, place_barriers=not trainers)
+            manifest = self._manifest(snapshot_id, created, tmp, acks, registrations)
             self._hold()  # a coordinator that lost its lock never completes a snapshot
             _write_json(tmp / MANIFEST, manifest)
             os.rename(tmp, final)
@@ -164,7 +187,13 @@ class SnapshotCoordinator:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            self.redis.delete(request_key(snapshot_id), acks_key(snapshot_id))
+            keys = [request_key(snapshot_id), acks_key(snapshot_id), trainers_key(snapshot_id)]
+            keys += [trainer_state_key(snapshot_id, t) for t in trainers]
+            if trainers:
+                assert self.job is not None
+                self._close_open(snapshot_id)
+            # deleting the request also releases the trainers holding their pushes
+            self.redis.delete(*keys)
         deleted = self._retain()
         rows = {
             t: sum(p["rows"] for p in i["parts"].values()) for t, i in manifest["tables"].items()
@@ -173,13 +202,51 @@ class SnapshotCoordinator:
         log.info("snapshot %s: %s rows in %.2f s -> %s", snapshot_id, rows, seconds, final)
         return TakenSnapshot(snapshot_id, final, rows, seconds, deleted)
 
-    def _collect(self, snapshot_id: str) -> dict[str, PartAck]:
-        """Place the barriers; wait for every shard's ack (all ok, or raise)."""
+    def live_trainers(self) -> list[str]:
+        """Ids of the job's trainers whose heartbeat has not expired (none without ``job``)."""
+        if self.job is None:
+            return []
+        key = live_key(self.job)
+        now = self.clock_ms()
+        self.redis.zremrangebyscore(key, "-inf", now)
+        return sorted(m.decode() for m in self.redis.zrangebyscore(key, now, "+inf"))
+
+    def _close_open(self, snapshot_id: str) -> None:
+        assert self.job is not None
+        key = open_key(self.job)
+        if self.redis.get(key) == snapshot_id.encode():
+            self.redis.delete(key)
+
+    def _wait_trainers(
+        self, snapshot_id: str, trainers: list[str]
+    ) -> dict[str, TrainerRegistration]:
+        """Wait until every listed trainer has flushed, placed its barriers and registered."""
+        deadline = time.monotonic() + self.ack_timeout_s
+        delay = 0.002
+        while True:
+            raw = self.redis.hgetall(trainers_key(snapshot_id))
+            regs = {k.decode(): TrainerRegistration.from_json(v) for k, v in raw.items()}
+            if set(trainers) <= set(regs):
+                self._close_open(snapshot_id)
+                return {t: regs[t] for t in trainers}
+            if time.monotonic() > deadline:
+                missing = sorted(set(trainers) - set(regs))
+                raise SnapshotError(
+                    f"snapshot {snapshot_id}: trainers {missing} did not join within "
+                    f"{self.ack_timeout_s:g} s (stopped, or stuck on a message?); aborted"
+                )
+            self._hold()
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+    def _collect(self, snapshot_id: str, place_barriers: bool = True) -> dict[str, PartAck]:
+        """Place the barriers (unless trainers did); wait for every shard's ack (all ok)."""
         expected: set[str] = set()
         for table in self.tables:
             shards = self.ps.route(table).shards
             expected |= {f"{table}:{s}" for s in range(shards)}
-            self.ps.barrier(table, barrier_name(snapshot_id))
+            if place_barriers:
+                self.ps.barrier(table, barrier_name(snapshot_id))
         deadline = time.monotonic() + self.ack_timeout_s
         delay = 0.002
         while True:
@@ -204,7 +271,12 @@ class SnapshotCoordinator:
             delay = min(2 * delay, 0.05)
 
     def _manifest(
-        self, snapshot_id: str, created: int, tmp: Path, acks: dict[str, PartAck]
+        self,
+        snapshot_id: str,
+        created: int,
+        tmp: Path,
+        acks: dict[str, PartAck],
+        registrations: dict[str, TrainerRegistration],
     ) -> dict[str, Any]:
         tables: dict[str, Any] = {}
         for table in self.tables:
@@ -238,6 +310,28 @@ class SnapshotCoordinator:
                 "version": version,
                 "sha256": sha256_file(file),
             }
+        trainers: dict[str, Any] = {}
+        if registrations:
+            (tmp / "trainers").mkdir()
+        for tid, reg in registrations.items():
+            blob = self.redis.get(trainer_state_key(snapshot_id, tid))
+            if blob is None:
+                raise SnapshotError(f"snapshot {snapshot_id}: trainer {tid!r} left no state")
+            file = tmp / "trainers" / f"{_safe(tid)}.bin"
+            _write_bytes(file, blob)
+            trainers[tid] = {
+                "path": f"trainers/{file.name}",
+                "sha256": sha256_file(file),
+                "offsets": reg.offsets,
+                "dense_table": reg.dense_table,
+                "dense_version": reg.dense_version,
+                "rows": reg.rows,
+            }
+        offsets = (
+            trainer_offsets(registrations.values())
+            if registrations
+            else resume_offsets(acks.values())
+        )
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -245,7 +339,8 @@ class SnapshotCoordinator:
             "created_ms": created,
             "tables": tables,
             "dense": dense,
-            "offsets": resume_offsets(acks.values()),
+            "trainers": trainers,
+            "offsets": offsets,
         }
 
     # -- housekeeping --------------------------------------------------------
@@ -305,6 +400,26 @@ def resume_offsets(acks: Any) -> list[dict[str, Any]]:
                 key = (topic, int(partition))
                 merged[key] = min(merged.get(key, int(offset)), int(offset))
     return [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(merged.items())]
+
+
+def trainer_offsets(registrations: Any) -> list[dict[str, Any]]:
+    """Per topic-partition, the trainers' committed next offset (the union; exact).
+
+    Each partition has one owner at a time; should two trainers report one (a
+    rebalance between their commits), the higher position is the later owner's.
+    """
+    merged: dict[tuple[str, int], int] = {}
+    for reg in registrations:
+        for topic, parts in reg.offsets.items():
+            for partition, offset in parts.items():
+                key = (topic, int(partition))
+                merged[key] = max(merged.get(key, int(offset)), int(offset))
+    return [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(merged.items())]
+
+
+def _safe(trainer_id: str) -> str:
+    """A trainer id as a file name (anything but [A-Za-z0-9._-] becomes '_')."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in trainer_id)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

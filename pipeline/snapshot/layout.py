@@ -104,6 +104,20 @@ class Snapshot:
             )
         return self.path / shard_dir(table, shard, shards)
 
+    def trainers(self) -> list[str]:
+        """Ids of the trainers that took part in the cut (empty: coordinator barriers)."""
+        return sorted(self.manifest.get("trainers", {}))
+
+    def trainer_state(self, trainer_id: str) -> dict[str, np.ndarray]:
+        """Dense parameters and optimizer state ``trainer_id`` had at its barrier."""
+        info = self.manifest.get("trainers", {}).get(trainer_id)
+        if info is None:
+            raise SnapshotError(
+                f"snapshot {self.path} has no state of trainer {trainer_id!r} "
+                f"(it has {self.trainers()})"
+            )
+        return unpack_tensors((self.path / info["path"]).read_bytes())
+
     def dense(self) -> dict[str, tuple[int, dict[str, np.ndarray]]]:
         """``{name: (version, tensors)}`` of the dense tables saved with the snapshot."""
         out: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
@@ -156,6 +170,10 @@ def load_snapshot(path: str | Path, *, full: bool = False) -> Snapshot:
         file = path / info["path"]
         if not file.is_file() or sha256_file(file) != info["sha256"]:
             raise SnapshotError(f"{file}: dense table {name!r} missing or checksum mismatch")
+    for trainer_id, info in manifest.get("trainers", {}).items():
+        file = path / info["path"]
+        if not file.is_file() or sha256_file(file) != info["sha256"]:
+            raise SnapshotError(f"{file}: state of trainer {trainer_id!r} missing or corrupt")
     return snap
 
 

@@ -8,6 +8,7 @@ optimizer state, statistics and admission of both tiers: what
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,14 @@ from pipeline.ps.keys import ShardKeys
 from pipeline.ps.staging.tracker import PublishTracker
 from pipeline.ps.table import ShardTable
 from pipeline.snapshot.layout import sha256_file, shard_dir
-from pipeline.snapshot.protocol import PREFIX, REQUEST_TTL_MS, PartAck, acks_key, request_key
+from pipeline.snapshot.protocol import (
+    PREFIX,
+    REQUEST_TTL_MS,
+    PartAck,
+    acks_key,
+    request_key,
+    seen_key,
+)
 
 __all__ = ["on_barrier"]
 
@@ -33,8 +41,14 @@ def on_barrier(
     name: str | None,
     entry_id: bytes,
     tracker: PublishTracker,
+    trainer_id: str = "",
 ) -> bool:
     """Handle barrier ``name`` if it is a snapshot request (returns whether it was one).
+
+    When the request lists trainers (field ``trainers``), each of them places its
+    own barrier: the shard records ``trainer_id`` and saves only at the barrier
+    that completes the list (barriers of unlisted trainers are ignored). Without
+    the field, the coordinator's single barrier triggers the save.
 
     Never raises: a failed save is acknowledged as an error so the coordinator
     aborts the snapshot instead of waiting, and the shard keeps serving.
@@ -43,7 +57,25 @@ def on_barrier(
         return False
     snapshot_id = name[len(PREFIX) :]
     try:
-        directory = client.hget(request_key(snapshot_id), b"dir")
+        directory, listed = client.hmget(request_key(snapshot_id), [b"dir", b"trainers"])
+        if directory is not None and listed is not None:
+            expected = set(json.loads(listed))
+            if trainer_id not in expected:
+                log.warning(
+                    "%s: snapshot %s: barrier of unlisted trainer %r ignored",
+                    keys.tag,
+                    snapshot_id,
+                    trainer_id,
+                )
+                return True
+            seen = seen_key(snapshot_id, keys.table, keys.shard)
+            pipe = client.pipeline(transaction=False)
+            pipe.sadd(seen, trainer_id)
+            pipe.pexpire(seen, REQUEST_TTL_MS)
+            pipe.smembers(seen)
+            members = {m.decode() for m in pipe.execute()[2]}
+            if not expected <= members:
+                return True  # later trainers' barriers are still to come
     except Exception:
         log.error("%s: cannot read snapshot request %s", keys.tag, snapshot_id, exc_info=True)
         return True

@@ -123,6 +123,15 @@ class TrainerRole:
             keep_predictions=keep_predictions,
         )
         trainer_box.append(trainer)
+        from pipeline.snapshot.participant import SnapshotParticipant
+
+        participant = SnapshotParticipant(client, s.job, trainer_id)
+        trainer.participant = participant  # snapshots of this job cut at our barriers
+        if resume is not None:
+            from pipeline.snapshot.layout import load_snapshot
+            from pipeline.snapshot.restore import restore_trainer
+
+            restore_trainer(trainer, load_snapshot(resume))
         sink = RedisMetricsSink(client, s.job)
         publisher = MetricsPublisher(producer, self.prefix + s.metrics_topic)
         exporter = PrometheusExporter(s.metrics_port, trainer_id, s.job)
@@ -194,6 +203,7 @@ class TrainerRole:
             publish(metrics.roll(force=True))
             publisher.flush(10.0)
         finally:
+            participant.leave()
             trainer.close()
             dataset.close()
             exporter.close()

@@ -204,6 +204,8 @@ class Trainer:
         self._drain = threading.Event()
         self._drained = threading.Event()
         self.on_window: Callable[[Any], None] | None = None
+        #: takes part in snapshots between passes (pipeline.snapshot.participant)
+        self.participant: Any = None
 
     # -- control -----------------------------------------------------------
     def stop(self) -> None:
@@ -252,6 +254,8 @@ class Trainer:
                     self._finish_drain(source)
                 if self._finished(source, idle_since, idle_timeout_s):
                     break
+                if self.participant is not None and self._started:
+                    self.participant.poll(self, source)
                 current = self._assemble(source, poll_s)
                 if current is None:
                     if on_progress is not None:
@@ -263,7 +267,8 @@ class Trainer:
             slots = self._install(current)
             # read the next pass ahead so its rows are pulled while this one trains
             upcoming = None
-            if self.prefetch and not self._stop.is_set() and not self._drain.is_set():
+            cut = self.participant is not None and self.participant.wants_cut()
+            if self.prefetch and not self._stop.is_set() and not self._drain.is_set() and not cut:
                 upcoming = self._assemble(source, 0.0)
                 if upcoming is not None:
                     self._prefetch(upcoming)
@@ -282,6 +287,15 @@ class Trainer:
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
+
+    def flush(self) -> None:
+        """Push what is trained, wait until applied, commit its offsets, merge dense params."""
+        self._flush_all()
+
+    @property
+    def committed(self) -> dict[tuple[str, int], int]:
+        """Next offset per (topic, partition) of everything trained and applied so far."""
+        return dict(self._committed)
 
     def _finished(
         self, source: BatchSource, idle_since: float, idle_timeout_s: float | None
