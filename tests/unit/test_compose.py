@@ -9,9 +9,19 @@ from typing import Any
 import click
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from pipeline.cli.main import cli
+from pipeline.model.spec import ModelSpec
+from pipeline.ps.catalog import load_catalog
+from pipeline.ps.keys import ShardKeys
+from pipeline.publish.publisher import lock_key as publisher_lock_key
+from pipeline.snapshot.protocol import lock_key as snapshot_lock_key
+from tests.deploycheck import (
+    check_cli_call,
+    in_image,
+    local_path,
+    option,
+    parse_cli_call,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -30,23 +40,7 @@ def _project_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in compose["services"].items() if s.get("image") == PROJECT_IMAGE}
 
 
-def _parse(args: list[str]) -> list[str]:
-    """Parse ``pipeline ARGS`` down to the leaf command without running it.
-
-    Returns the subcommand path; raises on an unknown subcommand or option.
-    """
-    command: click.Command = cli
-    path: list[str] = []
-    rest = list(args)
-    while isinstance(command, click.Group):
-        assert rest, f"{args}: a command group needs a subcommand"
-        name, *rest = rest
-        sub = command.get_command(click.Context(command), name)
-        assert sub is not None, f"unknown subcommand {name!r} in {args}"
-        command = sub
-        path.append(name)
-    command.make_context(path[-1], rest)  # parses the options: UsageError when invalid
-    return path
+_parse = parse_cli_call
 
 
 def test_project_services_build_from_the_dockerfile(compose: dict[str, Any]) -> None:
@@ -63,9 +57,7 @@ def test_every_command_is_a_valid_pipeline_call(compose: dict[str, Any]) -> None
     for name, svc in _project_services(compose).items():
         command = svc.get("command")
         assert isinstance(command, list) and command, f"{name}: command must be an exec-form list"
-        path = _parse([str(part) for part in command])
-        result = CliRunner().invoke(cli, [*path, "--help"])
-        assert result.exit_code == 0, f"{name}: pipeline {' '.join(path)} --help: {result.output}"
+        check_cli_call([str(part) for part in command], name)
 
 
 def test_invalid_command_is_detected() -> None:
@@ -117,3 +109,112 @@ def test_ps_shards_cover_every_index_once(compose: dict[str, Any]) -> None:
     totals = {t for _, t in shards}
     assert len(totals) == 1, f"services disagree on --shards: {totals}"
     assert sorted(s for s, _ in shards) == list(range(totals.pop()))
+
+
+ROLES = {"topics": ["topics", "apply"], "join": ["join"], "train": ["train"],
+         "publish": ["publish", "run"], "snapshot": ["snapshot", "run"], "serve": ["serve"],
+         "ps": ["ps"]}  # fmt: skip
+
+
+def _by_role(compose: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    roles: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, svc in _project_services(compose).items():
+        command = [str(c) for c in svc["command"]]
+        for role, prefix in ROLES.items():
+            if command[: len(prefix)] == prefix:
+                roles.setdefault(role, {})[name] = svc
+    return roles
+
+
+def test_every_role_is_present(compose: dict[str, Any]) -> None:
+    roles = _by_role(compose)
+    assert set(roles) == set(ROLES), f"missing roles: {set(ROLES) - set(roles)}"
+    assert len(roles["train"]) >= 2, "at least two trainers (one consumer group)"
+    ids = [svc["environment"]["PIPELINE_TRAIN_TRAINER_ID"] for svc in roles["train"].values()]
+    assert len(ids) == len(set(ids)), f"trainer ids must differ: {ids}"
+    for role in ("publish", "snapshot"):
+        assert len(roles[role]) == 1, f"exactly one {role} service (one holds the lock anyway)"
+    partitions = yaml.safe_load((ROOT / "topics/samples.yaml").read_text())["partitions"]
+    assert len(roles["train"]) <= partitions, "more trainers than samples partitions idle"
+
+
+def test_long_running_roles_have_healthchecks_and_restart(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        if svc.get("restart") == "no":  # one-shot jobs (topics)
+            continue
+        assert svc.get("restart") in {"unless-stopped", "always", "on-failure"}, name
+        test = svc.get("healthcheck", {}).get("test")
+        assert isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL"}, f"{name}: no healthcheck"
+        if test[:2] == ["CMD", "pipeline"]:
+            check_cli_call(test[2:], f"{name} healthcheck")
+        if test[:3] == ["CMD", "python", "-c"]:
+            compile(test[3], f"{name}-healthcheck", "exec")
+
+
+def _probe(svc: dict[str, Any]) -> str:
+    return str(svc["healthcheck"]["test"][-1])
+
+
+def test_healthchecks_probe_what_each_role_owns(compose: dict[str, Any]) -> None:
+    """The Redis keys and ports in the probes are the ones the code uses."""
+    roles = _by_role(compose)
+    for name, svc in roles["ps"].items():
+        shard = int(option([str(c) for c in svc["command"]], "--shard"))
+        tables = [t.name for t in load_catalog(ROOT / "deploy/tables.yaml")]
+        assert any(ShardKeys(t, shard).meta.decode() in _probe(svc) for t in tables), name
+    for name, svc in roles["publish"].items():
+        spec = ModelSpec.from_yaml(local_path(option(svc["command"], "--model")))
+        assert publisher_lock_key(spec.name).decode() in _probe(svc), name
+    for name, svc in roles["snapshot"].items():
+        series = option(svc["command"], "--name") if "--name" in svc["command"] else "default"
+        assert snapshot_lock_key(series).decode() in _probe(svc), name
+        # The lock lives 600 s and is refreshed once per snapshot.
+        assert float(option(svc["command"], "--interval")) < 600, name
+    for name, svc in roles["train"].items():
+        port = option([str(c) for c in svc["command"]], "--metrics-port")
+        assert f"127.0.0.1:{port}/metrics" in _probe(svc), name
+    for name, svc in roles["serve"].items():
+        port = option([str(c) for c in svc["command"]], "--port")
+        assert f"127.0.0.1:{port}/health" in _probe(svc), name
+        assert f"{port}:{port}" in [str(p) for p in svc.get("ports", [])], f"{name}: port"
+
+
+def test_named_volumes_are_declared_and_mounted(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    mounts: dict[str, dict[str, str]] = {}
+    for name, svc in compose["services"].items():
+        for volume in svc.get("volumes", []):
+            source, target = str(volume).split(":")[:2]
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name} mounts undeclared volume {source}"
+            mounts.setdefault(name, {})[target] = source
+    roles = _by_role(compose)
+    (snap_name, snap), = roles["snapshot"].items()  # fmt: skip
+    snap_dir = option(snap["command"], "--dir")
+    shared = mounts[snap_name][snap_dir]
+    data_volumes = []
+    for name, svc in roles["ps"].items():
+        assert mounts[name].get(snap_dir) == shared, f"{name} does not mount {shared} at {snap_dir}"
+        data_dir = option([str(c) for c in svc["command"]], "--data-dir")
+        owner = [t for t in mounts[name] if data_dir == t or data_dir.startswith(t + "/")]
+        assert owner, f"{name}: --data-dir {data_dir} is not on a volume"
+        data_volumes.append(mounts[name][owner[0]])
+    assert len(data_volumes) == len(set(data_volumes)), "each shard needs its own data volume"
+    # Mount points must exist in the image owned by the role's user, or named
+    # volumes come up root-owned and unwritable.
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    for target in {t for m in mounts.values() for t in m if t.startswith(("/data", "/snap"))}:
+        assert re.search(rf"mkdir -p [^\n]*{re.escape(target)}\b", dockerfile), target
+        assert re.search(rf"chown pipeline [^\n]*{re.escape(target)}\b", dockerfile), target
+
+
+def test_files_named_in_commands_are_in_the_image(compose: dict[str, Any]) -> None:
+    for name, svc in _project_services(compose).items():
+        for arg in (str(c) for c in svc["command"]):
+            if arg.startswith("/app/"):
+                assert in_image(arg), f"{name}: {arg} is not copied into the image"
+                assert local_path(arg).is_file(), arg
+                if "/models/" in arg:
+                    spec = ModelSpec.from_yaml(local_path(arg))
+                    catalog = {t.name for t in load_catalog(ROOT / "deploy/tables.yaml")}
+                    assert set(spec.tables()) <= catalog, arg
