@@ -48,6 +48,7 @@ def cli(log_level: str) -> None:
 def _register() -> None:
     from pipeline.cli import (
         config,
+        demo,
         dlq,
         infer,
         join,
@@ -81,6 +82,7 @@ def _register() -> None:
     cli.add_command(publish.publish)
     cli.add_command(publish.subscribe)
     cli.add_command(serve.serve)
+    cli.add_command(demo.demo)
     cli.add_command(snapshot.snapshot)
 
 

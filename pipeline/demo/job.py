@@ -1,0 +1,509 @@
+"""Orchestration of ``pipeline demo``: stack, data, PS, trainers, snapshots, publish, serve.
+
+The demo runs every role as a subprocess (:class:`~pipeline.demo.procs.ProcessSet`)
+against a broker + Redis it starts on free ports (or external ones), prints a
+progress line every ``progress_s`` seconds from the global metrics in Redis and
+the serving ``/health``, and stops in order at ``duration_s`` or on Ctrl-C:
+data, trainers (drained, then SIGTERM: push, apply, commit), a last snapshot,
+then publisher, server, shard servers and the stack. Any failure stops every
+process group it started before the error is raised.
+
+Data: the synthetic :class:`~pipeline.ingest.generator.TrafficGenerator`'s sample
+batches produced from this process paced at ``rate`` rows/s with event times on
+the wall clock (so freshness is meaningful), or a dataset replayed with
+``pipeline replay dataset``. The joiner path (impressions + clicks) is not part
+of the demo; see docs/joiner.md to run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from pipeline.codec.slots import SlotConfig
+from pipeline.config import StackSettings
+from pipeline.demo.procs import ProcessSet
+from pipeline.demo.report import Tick, Timeline, format_tick, summarize, summary_text, write_report
+from pipeline.errors import PipelineError
+
+__all__ = ["DemoError", "DemoSettings", "run_demo"]
+
+SAMPLES_PARTITIONS = 6
+
+
+class DemoError(PipelineError):
+    """The demo could not start or one of its processes failed."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything ``pipeline demo`` takes (see ``pipeline demo --help``)."""
+
+    state_dir: Path
+    duration_s: float = 120.0
+    rate: float = 2000.0
+    shards: int = 2
+    trainers: int = 2
+    model_kind: str = "deepfm"
+    dataset: Path | None = None
+    dataset_format: str | None = None
+    bootstrap: str | None = None
+    redis_url: str | None = None
+    broker_port: int | None = None
+    redis_port: int | None = None
+    serve_port: int | None = None
+    progress_s: float = 2.0
+    publish_interval_s: float = 5.0
+    snapshot_interval_s: float = 30.0
+    batch_rows: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.duration_s <= 0 or self.rate <= 0 or self.progress_s <= 0:
+            raise DemoError("--duration, --rate and the progress interval must be > 0")
+        if self.shards < 1 or self.trainers < 1:
+            raise DemoError("--shards and --trainers must be >= 1")
+
+
+class _Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: stop cleanly."""
+
+
+def _check_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DemoError(f"state dir {path} is not writable: {exc}") from None
+
+
+def _check_port(what: str, port: int | None) -> None:
+    from pipeline.stack import port_in_use
+
+    if port is not None and port_in_use("127.0.0.1", port):
+        raise DemoError(f"{what} port {port} is in use; pass another or leave it out (a free one)")
+
+
+def _layout(settings: DemoSettings) -> tuple[SlotConfig, Any]:
+    """The stream layout and, for a dataset, the opened dataset (validates path + format)."""
+    if settings.dataset is None:
+        from pipeline.ingest.generator import TrafficGenerator
+
+        return TrafficGenerator().slot_config, None
+    from pipeline.ingest.adapters import open_dataset
+
+    if not settings.dataset.exists():
+        raise DemoError(f"dataset {settings.dataset} does not exist")
+    dataset = open_dataset(settings.dataset, settings.dataset_format)
+    return dataset.config, dataset
+
+
+def _write_specs(state: Path, layout: SlotConfig, kind: str, prefix: str) -> tuple[Path, Path, str]:
+    from pipeline.train.defaults import default_model, default_tables
+
+    tables = default_tables(layout, prefix=prefix)
+    overrides: dict[str, Any] = {} if kind == "lr" else {"hidden": (64, 32)}
+    model = default_model(layout, kind=kind, prefix=prefix, **overrides)
+    catalog = state / "tables.yaml"
+    catalog.write_text(yaml.safe_dump({"tables": [t.to_dict() for t in tables]}))
+    spec = state / "model.yaml"
+    spec.write_text(yaml.safe_dump(model.to_dict()))
+    return catalog, spec, model.dense_table_name()
+
+
+def _health(port: int) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.5)
+    try:
+        conn.request("GET", "/health")
+        body: dict[str, Any] = json.loads(conn.getresponse().read())
+        return body
+    except (OSError, ValueError):
+        return {}
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise _Interrupted in the main thread while inside."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Producer(threading.Thread):
+    """Produces the generator's batches paced at ``rate`` rows/s, event time = wall time."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, total: int, seed: int) -> None:
+        super().__init__(name="demo-producer", daemon=True)
+        from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
+
+        self.generator = TrafficGenerator(
+            TrafficConfig(seed=seed, rate=rate, start_time_ms=int(time.time() * 1000))
+        )
+        self.bootstrap, self.topic, self.rate, self.total = bootstrap, topic, rate, total
+        self.produced = 0
+        self.error: str | None = None
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        from confluent_kafka import Producer
+
+        from pipeline.codec.samplebatch import encode_batch
+
+        try:
+            producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+            rows = max(50, min(2000, int(self.rate / 4)))
+            start = time.monotonic()
+            for i, (batch, _) in enumerate(self.generator.samples(self.total, rows)):
+                due = start + self.produced / self.rate
+                if self._halt.wait(max(0.0, due - time.monotonic())):
+                    break
+                producer.produce(self.topic, encode_batch(batch), partition=i % SAMPLES_PARTITIONS)
+                producer.poll(0)
+                self.produced += batch.num_rows
+            if producer.flush(30) != 0:
+                self.error = "the producer could not deliver every batch"
+        except Exception as exc:  # reported by the main loop
+            self.error = f"producer failed: {exc}"
+
+
+def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo to the end (or Ctrl-C); returns the summary. Raises DemoError."""
+    from pipeline.stack import EmbeddedStack, find_broker_binary, find_redis_binary, free_port
+
+    settings.check()
+    state = settings.state_dir.resolve()
+    _check_state_dir(state)
+    if settings.bootstrap is None:
+        find_broker_binary()
+        _check_port("broker", settings.broker_port)
+    if settings.redis_url is None:
+        find_redis_binary()
+        _check_port("redis", settings.redis_port)
+    _check_port("serve", settings.serve_port)
+    layout, dataset = _layout(settings)
+
+    run = uuid.uuid4().hex[:8]
+    prefix, job = f"demo{run}.", f"demo{run}"
+    catalog, model, dense = _write_specs(state, layout, settings.model_kind, f"d{run}_")
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    stack = EmbeddedStack(
+        StackSettings(
+            state_dir=state / "stack",
+            broker_port=settings.broker_port or free_port(),
+            redis_port=settings.redis_port or free_port(),
+            bootstrap=settings.bootstrap,
+            redis_url=settings.redis_url,
+            start_timeout_s=30,
+        )
+    )
+    procs = ProcessSet(logs, env={"PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000"})
+    echo(f"demo {job}: state in {state}")
+    try:
+        with _signals_interrupt():
+            services = stack.up()
+            try:
+                return _run(
+                    settings,
+                    state,
+                    services,
+                    stack,
+                    procs,
+                    layout,
+                    dataset,
+                    catalog,
+                    model,
+                    dense,
+                    prefix,
+                    job,
+                    echo,
+                )
+            finally:
+                for name in list(procs.procs):
+                    if procs.procs[name].poll() is None:
+                        echo(f"stopping {name}")
+                procs.stop_all()
+    except _Interrupted:
+        raise DemoError("interrupted while starting or stopping") from None
+    finally:
+        stack.down()
+
+
+def _run(
+    settings: DemoSettings,
+    state: Path,
+    services: dict[str, Any],
+    stack: Any,
+    procs: ProcessSet,
+    layout: SlotConfig,
+    dataset: Any,
+    catalog: Path,
+    model: Path,
+    dense: str,
+    prefix: str,
+    job: str,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    import redis
+
+    from pipeline.stack import free_port
+    from pipeline.topics import apply_topics, load_topic_specs
+    from pipeline.train.metrics_sink import RedisMetricsSink
+
+    bootstrap, redis_url = services["kafka"].address, services["redis"].address
+    echo(f"broker {bootstrap}, redis {redis_url}, topic prefix {prefix}")
+    apply_topics(
+        {"bootstrap.servers": bootstrap, "log_level": 0}, load_topic_specs(), prefix=prefix
+    )
+    kafka = ["--bootstrap", bootstrap, "--prefix", prefix]
+    red = ["--redis-url", redis_url]
+    client = redis.Redis.from_url(redis_url)
+    table = f"ps:table:{{{yaml.safe_load(catalog.read_text())['tables'][-1]['name']}}}"
+
+    for s in range(settings.shards):
+        procs.start(
+            f"ps{s}",
+            "ps",
+            "--shard",
+            str(s),
+            "--shards",
+            str(settings.shards),
+            "--tables",
+            str(catalog),
+            "--data-dir",
+            str(state / f"ps{s}"),
+            *red,
+        )
+    _wait("shard servers", lambda: bool(client.exists(table.encode())), 60, procs)
+    trainers = [f"train{n}" for n in range(settings.trainers)]
+    for n, name in enumerate(trainers):
+        procs.start(
+            name,
+            "train",
+            "--config",
+            str(model),
+            "--tables",
+            str(catalog),
+            "--job",
+            job,
+            "--trainer-id",
+            f"t{n}",
+            "--batch-rows",
+            str(settings.batch_rows),
+            *kafka,
+            *red,
+        )
+    snapshots = state / "snapshots"
+    procs.start(
+        "snapshot",
+        "snapshot",
+        "run",
+        "--dir",
+        str(snapshots),
+        "--interval",
+        str(settings.snapshot_interval_s),
+        "--job",
+        job,
+        "--tables",
+        str(catalog),
+        "--dense",
+        dense,
+        *red,
+    )
+    procs.start(
+        "publish",
+        "publish",
+        "run",
+        "--model",
+        str(model),
+        "--interval",
+        str(settings.publish_interval_s),
+        *kafka,
+        *red,
+    )
+    port = settings.serve_port or free_port()
+    procs.start(
+        "serve", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *kafka
+    )
+
+    total = int(settings.rate * settings.duration_s)
+    producer: _Producer | None = None
+    bayes: float | None = None
+    if dataset is None:
+        producer = _Producer(bootstrap, f"{prefix}samples", settings.rate, total, settings.seed)
+        bayes = producer.generator.bayes_auc(min(total, 100_000))
+        producer.start()
+    else:
+        replay = ["replay", "dataset", str(settings.dataset), "--limit", str(total), *kafka]
+        if settings.dataset_format:
+            replay += ["--format", settings.dataset_format]
+        procs.start("replay", *replay)
+    echo(
+        f"{settings.shards} shard servers, {settings.trainers} trainers, snapshot coordinator, "
+        f"publisher, serve on http://127.0.0.1:{port}; producing {total} rows "
+        f"over {settings.duration_s:g} s (Ctrl-C stops early)"
+    )
+
+    sink = RedisMetricsSink(client, job)
+    timeline = Timeline()
+    t0 = time.monotonic()
+    first_trained: float | None = None
+    last = (t0, 0)
+    health: dict[str, Any] = {}
+    expected_exits = {"replay"}
+
+    def tick() -> int:
+        nonlocal last, first_trained, health
+        counts, _ = sink.global_cumulative()
+        trained = int(counts.summary()["samples"])
+        now = time.monotonic()
+        if trained > 0 and first_trained is None:
+            first_trained = now
+        rate = (trained - last[1]) / max(1e-6, now - last[0])
+        last = (now, trained)
+        health = _health(port)
+        fresh = health.get("freshness_ms")
+        auc = counts.auc() if trained else None
+        produced = producer.produced if producer is not None else trained
+        item = Tick(
+            round(now - t0, 2),
+            produced,
+            trained,
+            round(rate, 1),
+            auc if auc is not None and auc == auc else None,
+            health.get("model_version"),
+            None if fresh is None else fresh / 1000,
+        )
+        timeline.add(item)
+        echo(format_tick(item))
+        return trained
+
+    interrupted = False
+    try:
+        while time.monotonic() - t0 < settings.duration_s:
+            time.sleep(settings.progress_s)
+            tick()
+            failed = [n for n in procs.dead() if n not in expected_exits]
+            if failed:
+                raise DemoError(f"{failed[0]} exited unexpectedly: {procs.log_tail(failed[0])}")
+            if producer is not None and producer.error:
+                raise DemoError(producer.error)
+    except _Interrupted:
+        interrupted = True
+        echo("interrupted: stopping cleanly (Ctrl-C again is ignored until done)")
+    except BaseException:
+        if producer is not None:
+            producer.stop()
+        raise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # stop the data, let the trainers drain what was produced
+    if producer is not None:
+        producer.stop()
+        producer.join(35)
+    procs.stop(["replay"], 10)
+    produced = producer.produced if producer is not None else None
+    drain_until = time.monotonic() + 30
+    trained = tick()
+    while produced is not None and trained < produced and time.monotonic() < drain_until:
+        time.sleep(1.0)
+        trained = tick()
+    train_end = time.monotonic()
+    codes = procs.stop([*trainers, "snapshot"], 60)
+    bad = {n: c for n, c in codes.items() if n in trainers and c != 0}
+    if bad:
+        echo(f"warning: trainers exited with {bad}")
+    echo("taking the last snapshot")
+    procs.start(
+        "snapshot-final",
+        "snapshot",
+        "run",
+        "--once",
+        "--dir",
+        str(snapshots),
+        "--tables",
+        str(catalog),
+        "--dense",
+        dense,
+        *red,
+    )
+    expected_exits.add("snapshot-final")
+    with contextlib.suppress(Exception):
+        procs.procs["snapshot-final"].wait(120)
+    snap_ok = procs.procs["snapshot-final"].returncode == 0
+    if not snap_ok:
+        echo(f"warning: the last snapshot failed: {procs.log_tail('snapshot-final')}")
+    # one more publish interval so serve can load the final weights
+    time.sleep(min(settings.publish_interval_s + 1, 8))
+    final = _health(port) or health
+    procs.stop(["publish", "serve", *[f"ps{s}" for s in range(settings.shards)]], 30)
+    counts, members = sink.global_cumulative()
+    trained = int(counts.summary()["samples"])
+    auc = counts.auc() if trained else None
+    snaps = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.exists() else []
+    summary = summarize(
+        timeline,
+        trained=trained,
+        auc=auc,
+        bayes_auc=bayes,
+        elapsed_s=time.monotonic() - t0,
+        train_s=train_end - (first_trained or t0),
+        versions=final.get("model_version"),
+        snapshot=str(snapshots / snaps[-1]) if snaps and snap_ok else None,
+    )
+    summary["trainers"] = members
+    summary["interrupted"] = interrupted
+    meta = {
+        "job": job,
+        "prefix": prefix,
+        "bootstrap": bootstrap,
+        "redis_url": redis_url,
+        "duration_s": settings.duration_s,
+        "rate": settings.rate,
+        "shards": settings.shards,
+        "trainers": settings.trainers,
+        "model": settings.model_kind,
+        "data": str(settings.dataset) if settings.dataset else "synthetic generator",
+        "pids": {n: p.pid for n, p in procs.procs.items()},
+    }
+    paths = write_report(state / "report", timeline, summary, meta)
+    echo("")
+    echo(summary_text(summary))
+    echo(f"report: {paths[0].parent} ({', '.join(p.name for p in paths)})")
+    return summary
+
+
+def _wait(what: str, done: Callable[[], bool], timeout: float, procs: ProcessSet) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        dead = procs.dead()
+        if dead:
+            raise DemoError(f"{dead[0]} exited while waiting for {what}: {procs.log_tail(dead[0])}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)

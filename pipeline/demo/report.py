@@ -1,0 +1,179 @@
+"""The demo's numbers over time, its summary, and the report dir (report.json + PNGs).
+
+A :class:`Timeline` collects one :class:`Tick` per progress line; :func:`summarize`
+turns it into the final figures (rows trained, AUC against the generator's Bayes
+AUC and the 0.5 of a constant prediction, throughput, freshness percentiles) and
+:func:`write_report` writes them with PNG plots of AUC, throughput and freshness.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Tick", "Timeline", "format_tick", "summarize", "write_report"]
+
+BASELINE_AUC = 0.5  # any constant prediction (e.g. the running CTR) ranks nothing
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One progress sample: seconds since start and what the system reported."""
+
+    t: float
+    produced: int
+    trained: int
+    samples_per_s: float
+    auc: float | None
+    model_version: int | None
+    freshness_s: float | None
+
+
+@dataclass
+class Timeline:
+    """Ticks in order, plus facts known once (Bayes AUC, versions, snapshots)."""
+
+    ticks: list[Tick] = field(default_factory=list)
+
+    def add(self, tick: Tick) -> None:
+        self.ticks.append(tick)
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def format_tick(tick: Tick) -> str:
+    """One terminal progress line."""
+    auc = f"{tick.auc:.4f}" if tick.auc is not None else "  -   "
+    version = str(tick.model_version) if tick.model_version is not None else "-"
+    fresh = f"{tick.freshness_s:.1f}s" if tick.freshness_s is not None else "-"
+    backlog = max(0, tick.produced - tick.trained)
+    return (
+        f"[{tick.t:6.1f}s] produced {tick.produced:>8} trained {tick.trained:>8} "
+        f"({tick.samples_per_s:7.0f}/s, backlog {backlog:>6})  AUC {auc}  "
+        f"model v{version} freshness {fresh}"
+    )
+
+
+def summarize(
+    timeline: Timeline,
+    *,
+    trained: int,
+    auc: float | None,
+    bayes_auc: float | None,
+    elapsed_s: float,
+    train_s: float,
+    versions: int | None,
+    snapshot: str | None,
+) -> dict[str, Any]:
+    """The final figures (JSON-ready; None where unknown)."""
+    fresh = [t.freshness_s for t in timeline.ticks if t.freshness_s is not None]
+    rates = [t.samples_per_s for t in timeline.ticks if t.samples_per_s > 0]
+    return {
+        "rows_trained": trained,
+        "final_auc": _finite(auc),
+        "bayes_auc": _finite(bayes_auc),
+        "baseline_auc": BASELINE_AUC,
+        "elapsed_s": round(elapsed_s, 2),
+        "throughput_mean": round(trained / train_s, 1) if train_s > 0 else None,
+        "throughput_peak": round(max(rates), 1) if rates else None,
+        "freshness_p50_s": float(np.percentile(fresh, 50)) if fresh else None,
+        "freshness_p99_s": float(np.percentile(fresh, 99)) if fresh else None,
+        "versions_published": versions,
+        "last_snapshot": snapshot,
+    }
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The summary as a few human lines."""
+
+    def num(key: str, fmt: str = "{:.4f}") -> str:
+        value = summary.get(key)
+        return "-" if value is None else fmt.format(value)
+
+    return "\n".join(
+        [
+            f"rows trained      {summary['rows_trained']}",
+            f"global AUC        {num('final_auc')}  (Bayes {num('bayes_auc')}, "
+            f"constant baseline {summary['baseline_auc']:.1f})",
+            f"throughput        {num('throughput_mean', '{:.0f}')} samples/s mean, "
+            f"{num('throughput_peak', '{:.0f}')} peak",
+            f"freshness         p50 {num('freshness_p50_s', '{:.1f}')} s, "
+            f"p99 {num('freshness_p99_s', '{:.1f}')} s",
+            f"versions          {num('versions_published', '{}')} published",
+            f"last snapshot     {summary['last_snapshot'] or '-'}",
+        ]
+    )
+
+
+def _plot(path: Path, xs: list[float], series: dict[str, list[float | None]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    try:
+        for label, ys in series.items():
+            pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="best")
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def write_report(
+    directory: Path, timeline: Timeline, summary: dict[str, Any], meta: dict[str, Any]
+) -> list[Path]:
+    """Write report.json and auc.png, throughput.png, freshness.png; returns the paths.
+
+    The PNGs need matplotlib (a project dependency); without it only report.json is written.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ticks = timeline.ticks
+    report = {
+        "summary": summary,
+        "settings": meta,
+        "timeline": [
+            {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(t).items()}
+            for t in ticks
+        ],
+    }
+    out = directory / "report.json"
+    out.write_text(json.dumps(report, indent=2))
+    xs = [t.t for t in ticks]
+    bayes = summary.get("bayes_auc")
+    auc_series: dict[str, list[float | None]] = {"global AUC": [t.auc for t in ticks]}
+    if bayes is not None:
+        auc_series["Bayes AUC"] = [bayes] * len(ticks)
+    auc_series["constant baseline"] = [BASELINE_AUC] * len(ticks)
+    plots: dict[str, tuple[dict[str, list[float | None]], str]] = {
+        "auc.png": (auc_series, "AUC (progressive)"),
+        "throughput.png": (
+            {"trained samples/s": [float(t.samples_per_s) for t in ticks]},
+            "samples/s",
+        ),
+        "freshness.png": ({"freshness": [t.freshness_s for t in ticks]}, "freshness (s)"),
+    }
+    paths = [out]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # report.json still has every number
+        return paths
+    for name, (series, ylabel) in plots.items():
+        _plot(directory / name, xs, series, ylabel)
+        paths.append(directory / name)
+    return paths
