@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ import yaml
 from pipeline.ps.client import PSClient, TableRoute
 from pipeline.ps.gradstream import Push, encode_push
 from pipeline.ps.keys import ShardKeys
-from pipeline.ps.server import ServerOptions, ShardServer
+from pipeline.ps.server import ServerOptions
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.table import ShardTable
+from tests.psservers import shard_servers
 
 pytestmark = pytest.mark.integration
 
@@ -42,41 +42,6 @@ def _spec(
             "accessor": {"admit_threshold": threshold, **acc},
         }
     )
-
-
-@contextmanager
-def servers(
-    url: str,
-    specs: list[TableSpec],
-    shards: int = SHARDS,
-    clock: Any = None,
-    options: ServerOptions | None = None,
-) -> Iterator[list[ShardServer]]:
-    """Shard servers running in threads, each with its own Redis connection."""
-    kwargs = {"clock": clock} if clock else {}
-    running = [
-        ShardServer(
-            redis.Redis.from_url(url),
-            specs,
-            s,
-            shards,
-            options or ServerOptions(block_ms=20),
-            **kwargs,
-        )
-        for s in range(shards)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    try:
-        yield running
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
 
 
 def _pushes(
@@ -111,7 +76,7 @@ def test_two_clients_two_shards_sgd_equals_single_process_reference(
     spec = _spec(f"sgd{unique}")
     a, b = _pushes(1, 25, spec.dim), _pushes(2, 25, spec.dim)
     route = {spec.name: TableRoute(spec.dim, SHARDS)}
-    with servers(redis_url, [spec]):
+    with shard_servers(redis_url, [spec]):
         clients = [
             PSClient(redis.Redis.from_url(redis_url), route, f"t{i}", max_inflight=4)
             for i in range(2)
@@ -145,7 +110,7 @@ def test_two_clients_adagrad_matches_reference_in_stream_order(
     route = {spec.name: TableRoute(spec.dim, SHARDS)}
     options = ServerOptions(block_ms=20, data_dir=tmp_path, checkpoint_interval_s=3600)
     r = redis.Redis.from_url(redis_url)
-    with servers(redis_url, [spec], options=options):
+    with shard_servers(redis_url, [spec], options=options):
         clients = [PSClient(redis.Redis.from_url(redis_url), route, f"t{i}") for i in range(2)]
         threads = [
             threading.Thread(target=_push_all, args=(c, spec.name, p))
@@ -177,7 +142,7 @@ def test_admission_threshold_and_pull_misses(redis_url: str, unique: str) -> Non
     client = PSClient(redis.Redis.from_url(redis_url), {spec.name: TableRoute(spec.dim, SHARDS)})
     ids = np.array([11, 22], dtype=np.uint64)
     grads = np.ones((2, spec.dim), np.float32)
-    with servers(redis_url, [spec]):
+    with shard_servers(redis_url, [spec]):
         client.wait_applied(client.push(spec.name, ids, grads))  # score 0.1 each: not admitted
         _, found = client.pull(spec.name, ids)
         assert found.tolist() == [False, False]
@@ -195,7 +160,7 @@ def test_shrink_deletes_unseen_rows_from_the_pull_view(redis_url: str, unique: s
     now = [1_700_000_000]
     client = PSClient(redis.Redis.from_url(redis_url), {spec.name: TableRoute(spec.dim, SHARDS)})
     old, fresh = np.arange(0, 50, dtype=np.uint64), np.arange(50, 100, dtype=np.uint64)
-    with servers(redis_url, [spec], clock=lambda: now[0]) as running:
+    with shard_servers(redis_url, [spec], clock=lambda: now[0]) as running:
         client.wait_applied(client.push(spec.name, old, np.ones((50, spec.dim), np.float32)))
         now[0] += 2 * 86_400
         client.wait_applied(client.push(spec.name, fresh, np.ones((50, spec.dim), np.float32)))
@@ -212,7 +177,7 @@ def test_bad_entries_are_counted_and_skipped(redis_url: str, unique: str) -> Non
     stream = ShardKeys(spec.name, 0).stream
     good = np.array([5], np.uint64)
     zero = np.zeros(1, np.float32)
-    with servers(redis_url, [spec], shards=1):
+    with shard_servers(redis_url, [spec], shards=1):
         r.xadd(stream, {b"h": b"{broken"})
         r.xadd(
             stream, encode_push(Push("grad", "x", 1, good, np.ones((1, 3), np.float32), zero, zero))
@@ -262,7 +227,7 @@ def test_server_rebuilds_pull_view_after_redis_flush(private_redis: str, unique:
     r = redis.Redis.from_url(private_redis)
     route = {spec.name: TableRoute(spec.dim, SHARDS)}
     ids = np.arange(100, dtype=np.uint64)
-    with servers(private_redis, [spec]):
+    with shard_servers(private_redis, [spec]):
         client = PSClient(r, route)
         client.wait_applied(client.push(spec.name, ids, np.ones((100, spec.dim), np.float32)))
         before, _ = client.pull(spec.name, ids)

@@ -4,10 +4,7 @@ versions are reported and never applied."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +18,14 @@ from pipeline.model.modules import build_model, dense_state
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.client import PSClient, TableRoute
 from pipeline.ps.dense import push_dense
-from pipeline.ps.server import ServerOptions, ShardServer
+from pipeline.ps.server import ShardServer
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.staging.chunks import checksum
 from pipeline.ps.staging.tracker import serving_rows
 from pipeline.publish.export import export_version, load_export
 from pipeline.publish.publisher import Publisher, PublishError
 from pipeline.publish.subscriber import LiveModel, Subscriber
+from tests.psservers import shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,26 +48,6 @@ def _spec(name: str, dim: int, fp16: bool) -> TableSpec:
             "serving": {"fp16": fp16},
         }
     )
-
-
-@contextmanager
-def _servers(url: str, specs: list[TableSpec], clock: Any) -> Iterator[list[ShardServer]]:
-    running = [
-        ShardServer(redis.Redis.from_url(url), specs, s, SHARDS, ServerOptions(block_ms=20), clock)
-        for s in range(SHARDS)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    try:
-        yield running
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
 
 
 Expected = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -125,7 +103,7 @@ def _scenario(
         push_dense(r, model.dense_table_name(), tensors)
         dense.append(tensors)
 
-    with _servers(redis_url, [wide, deep], lambda: now[0]) as running:
+    with shard_servers(redis_url, [wide, deep], SHARDS, lambda: now[0]) as running:
         old = np.arange(1, 400, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         push(old, 1)
         push(old[:300], 2)  # a second show admits these

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,12 +21,12 @@ from pipeline.model.modules import build_model, dense_state
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.client import PSClient, TableRoute
 from pipeline.ps.dense import push_dense
-from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
 from pipeline.publish.publisher import Publisher
 from pipeline.publish.serve import Server
 from pipeline.publish.subscriber import Subscriber
 from pipeline.train.infer import Inferencer
+from tests.psservers import shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,26 +46,6 @@ def _table(name: str, dim: int) -> TableSpec:
             "serving": {"fp16": False},  # serving must equal the PS rows exactly
         }
     )
-
-
-@contextmanager
-def _servers(url: str, specs: list[TableSpec]) -> Iterator[None]:
-    running = [
-        ShardServer(redis.Redis.from_url(url), specs, s, SHARDS, ServerOptions(block_ms=20))
-        for s in range(SHARDS)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
 
 
 def _call(server: Server, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -152,7 +129,7 @@ def test_serving_equals_the_trainers_model_on_the_ps(
 
     sub = Subscriber.connect(KafkaSettings(bootstrap=kafka_bootstrap), topic, spec)
     try:
-        with _servers(redis_url, [wide, deep]), Server(sub) as server:
+        with shard_servers(redis_url, [wide, deep], SHARDS), Server(sub) as server:
             # nothing published yet: not ready
             assert _call(server, "GET", "/health") == (
                 503,

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,19 @@ from pipeline.snapshot.layout import (
 )
 from pipeline.snapshot.protocol import request_key
 from pipeline.snapshot.restore import restore_dense, resume_positions
+from tests.psservers import shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHARDS = 2
 COLUMNS = ("ids", "weights", "opt_state", "show", "click", "last_seen", "admitted")
+
+
+def _servers(
+    url: str, specs: list[TableSpec], restore: Path | None = None
+) -> AbstractContextManager[list[ShardServer]]:
+    options = ServerOptions(block_ms=20, restore=restore)
+    return shard_servers(url, specs, SHARDS, options=options, wait_ready=True)
 
 
 def _spec(name: str, dim: int, optimizer: str, threshold: float) -> TableSpec:
@@ -47,30 +53,6 @@ def _spec(name: str, dim: int, optimizer: str, threshold: float) -> TableSpec:
             "accessor": {"admit_threshold": threshold},
         }
     )
-
-
-@contextmanager
-def _servers(
-    url: str, specs: list[TableSpec], restore: Path | None = None
-) -> Iterator[list[ShardServer]]:
-    options = ServerOptions(block_ms=20, restore=restore)
-    running = [
-        ShardServer(redis.Redis.from_url(url), specs, s, SHARDS, options) for s in range(SHARDS)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    for s in running:
-        assert s.ready.wait(20), "shard server did not start"
-    try:
-        yield running
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
 
 
 def _state(running: list[ShardServer], table: str) -> list[dict[str, np.ndarray]]:

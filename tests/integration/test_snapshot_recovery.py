@@ -9,8 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from pipeline.train.dataset import QueueDataset
 from pipeline.train.resume import seek_group
 from pipeline.train.settings import TrainerSettings
 from pipeline.train.trainer import Trainer
+from tests.psservers import shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,6 +49,13 @@ MESSAGES = 16
 TOTAL = MESSAGE_ROWS * MESSAGES
 # every column but last_seen (wall-clock time of the push)
 COLUMNS = ("ids", "weights", "opt_state", "show", "click", "admitted")
+
+
+def _servers(
+    url: str, specs: list[TableSpec], restore: Path | None = None
+) -> AbstractContextManager[list[ShardServer]]:
+    options = ServerOptions(block_ms=5, restore=restore)
+    return shard_servers(url, specs, SHARDS, options=options, wait_ready=True)
 
 
 def _tables(tag: str) -> dict[str, TableSpec]:
@@ -72,30 +79,6 @@ def _model(tag: str) -> ModelSpec:
         hidden=(16,),
         linear_lr=0.05,  # two dense optimizers (Adagrad + Adam): both states must survive
     )
-
-
-@contextmanager
-def _servers(
-    url: str, specs: list[TableSpec], restore: Path | None = None
-) -> Iterator[list[ShardServer]]:
-    options = ServerOptions(block_ms=5, restore=restore)
-    running = [
-        ShardServer(redis.Redis.from_url(url), specs, s, SHARDS, options) for s in range(SHARDS)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    for s in running:
-        assert s.ready.wait(20), "shard server did not start"
-    try:
-        yield running
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
 
 
 def _state(running: list[ShardServer], table: str) -> list[dict[str, np.ndarray]]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from pipeline.train.backend import LocalBackend
 from pipeline.train.batching import TrainBatch
 from pipeline.train.settings import TrainerSettings
 from pipeline.train.trainer import IterSource, Trainer
+from tests.psservers import shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,24 +50,8 @@ def _spec(unique: str, kind: str = "deepfm") -> ModelSpec:
     )
 
 
-@contextmanager
-def _servers(url: str, specs: list[TableSpec], shards: int = 2) -> Iterator[None]:
-    running = [
-        ShardServer(redis.Redis.from_url(url), specs, s, shards, ServerOptions(block_ms=5))
-        for s in range(shards)
-    ]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in running]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-        for s in running:
-            s.close()
+def _servers(url: str, specs: list[TableSpec]) -> AbstractContextManager[list[ShardServer]]:
+    return shard_servers(url, specs, options=ServerOptions(block_ms=5))
 
 
 def _batches(rows: int, batch_rows: int) -> list[TrainBatch]:
