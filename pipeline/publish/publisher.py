@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from pipeline.ps.dense import pack_tensors, pull_dense
 from pipeline.ps.staging.chunks import checksum, split_bytes
 from pipeline.ps.staging.requests import PublishRequest, ShardAck, acks_key, piece_key
 from pipeline.publish.messages import CHUNK, MANIFEST, message
+from pipeline.redislock import RedisLock
 
 __all__ = ["DEFAULT_MAX_CHUNK_BYTES", "PublishError", "PublishedVersion", "Publisher"]
 
@@ -36,17 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CHUNK_BYTES = 8 << 20  # well under model.updates' max.message.bytes (16 MiB)
 MAX_CHUNK_BYTES_LIMIT = 15 << 20  # leaves room for the Avro record and headers
-
-_REFRESH_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class PublishError(PipelineError):
@@ -107,22 +96,18 @@ class Publisher:
         self.base_every = base_every
         self.max_chunk_bytes = max_chunk_bytes
         self.ack_timeout_s = ack_timeout_s
-        self.lock_ttl_ms = lock_ttl_ms
         self.clock_ms = clock_ms
-        self.token = uuid.uuid4().hex
+        self.lock = RedisLock(client, lock_key(model.name), lock_ttl_ms)
         self.ps = PSClient(client, trainer_id=f"publisher-{model.name}")
         self._delivery_errors: list[str] = []
 
     # -- the lock ------------------------------------------------------------
     def acquire(self) -> bool:
         """Take the model's publisher lock (or refresh it if already ours)."""
-        key = lock_key(self.model.name)
-        if self.redis.set(key, self.token, nx=True, px=self.lock_ttl_ms):
-            return True
-        return bool(self.redis.eval(_REFRESH_SCRIPT, 1, key, self.token, self.lock_ttl_ms))
+        return self.lock.acquire()
 
     def release(self) -> None:
-        self.redis.eval(_RELEASE_SCRIPT, 1, lock_key(self.model.name), self.token)
+        self.lock.release()
 
     def _hold(self) -> None:
         if not self.acquire():

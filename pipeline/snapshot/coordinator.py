@@ -33,7 +33,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 from pipeline.ps.client import PSClient
 from pipeline.ps.dense import pack_tensors, pull_dense
+from pipeline.redislock import RedisLock
 from pipeline.snapshot.layout import (
     FORMAT,
     MANIFEST,
@@ -70,17 +70,6 @@ from pipeline.snapshot.protocol import (
 __all__ = ["SnapshotCoordinator", "TakenSnapshot"]
 
 log = logging.getLogger(__name__)
-
-_REFRESH_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -124,21 +113,17 @@ class SnapshotCoordinator:
         self.name = name
         self.job = job
         self.ack_timeout_s = ack_timeout_s
-        self.lock_ttl_ms = lock_ttl_ms
         self.clock_ms = clock_ms
-        self.token = uuid.uuid4().hex
+        self.lock = RedisLock(client, lock_key(name), lock_ttl_ms)
         self.ps = PSClient(client, trainer_id=f"snapshot-{name}")
 
     # -- the lock ------------------------------------------------------------
     def acquire(self) -> bool:
         """Take the series' lock (or refresh it if already ours)."""
-        key = lock_key(self.name)
-        if self.redis.set(key, self.token, nx=True, px=self.lock_ttl_ms):
-            return True
-        return bool(self.redis.eval(_REFRESH_SCRIPT, 1, key, self.token, self.lock_ttl_ms))
+        return self.lock.acquire()
 
     def release(self) -> None:
-        self.redis.eval(_RELEASE_SCRIPT, 1, lock_key(self.name), self.token)
+        self.lock.release()
 
     def _hold(self) -> None:
         if not self.acquire():
