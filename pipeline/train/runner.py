@@ -166,7 +166,7 @@ class TrainerRole:
             window = metrics.roll()
             extras: dict[str, float | str] = {
                 "rows/s": t.result.rows / max(time.monotonic() - started, 1e-9),
-                "hit": _hit_rate(t),
+                "hit": t.cache_hit_rate(),
                 "limit": t.stages.limiting,
                 "dlq": float(dataset.stats.dead_letters_total),
             }
@@ -219,12 +219,6 @@ def _metric_name(name: str) -> str:
     return {"rows/s": "rows_per_second", "hit": "cache_hit_rate", "dlq": "dead_letters"}.get(
         name, name
     )
-
-
-def _hit_rate(trainer: Trainer) -> float:
-    lookups = sum(c.stats.lookups for c in trainer.caches.values())
-    pulled = sum(c.stats.pulled for c in trainer.caches.values())
-    return 1.0 - pulled / lookups if lookups else 0.0
 
 
 def run_trainer(role: TrainerRole, **kwargs: Any) -> TrainResult:

@@ -283,10 +283,17 @@ class Trainer:
         self.result.seconds = time.perf_counter() - t0
         self.result.committed = dict(self._committed)
         self.result.pulled_keys = sum(c.stats.pulled for c in self.caches.values())
+        self.result.batch_lookups = sum(c.stats.lookups for c in self.caches.values())
         return self.result
 
     def close(self) -> None:
         self._comm.shutdown(wait=True)
+
+    def cache_hit_rate(self) -> float:
+        """Over every table: 1 - pulled rows / per-batch unique-id lookups."""
+        lookups = sum(c.stats.lookups for c in self.caches.values())
+        pulled = sum(c.stats.pulled for c in self.caches.values())
+        return 1.0 - pulled / lookups if lookups else 0.0
 
     def flush(self) -> None:
         """Push what is trained, wait until applied, commit its offsets, merge dense params."""
@@ -374,9 +381,9 @@ class Trainer:
             local_t = torch.from_numpy(local).to(self.device)
             batch_grads = self._step_batch(batch, ids, pass_slots, local)
             occ = ids.occurrences().astype(np.float32)
-            np.add.at(shows, local, occ)
-            np.add.at(clicks, local, ids.clicks(np.asarray(batch.labels)))
-            self.result.batch_lookups += len(ids.unique) * len(self.caches)
+            # a batch's unique ids map to distinct pass positions: plain indexed adds
+            shows[local] += occ
+            clicks[local] += ids.clicks(np.asarray(batch.labels))
             for name, g in batch_grads.items():
                 grads[name].index_add_(0, local_t, g)
             if len(batch.event_times):
