@@ -32,23 +32,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
-import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.codec import avro
 from pipeline.codec.hashing import hash64
 from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch, from_rows
 from pipeline.config import KafkaSettings
-from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
+from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
 from pipeline.model.spec import ModelSpec
-from pipeline.ps.catalog import load_catalog
 from pipeline.ps.client import PSClient
 from pipeline.ps.dense import unpack_tensors
 from pipeline.ps.staging.chunks import checksum, unpack_ids, unpack_rows
@@ -59,6 +56,7 @@ from pipeline.stack import free_port
 from pipeline.train.infer import Inferencer
 from pipeline.train.metrics_sink import RedisMetricsSink
 from pipeline.train.resume import seek_group
+from tests.e2eutil import wait_for, write_specs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -70,34 +68,6 @@ REQUEST_ROWS = 40  # impressions of the stream sent to pipeline serve
 
 Procs = list[subprocess.Popen[str]]
 PSState = tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]
-
-
-def _write_specs(tmp: Path, unique: str) -> tuple[Path, Path]:
-    """The default catalog under unique names, published float32 and unfiltered; DeepFM."""
-    tables = []
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{unique}_{spec.name}"
-        data["serving"] = {"fp16": False, "min_score": 0.0}
-        tables.append(data)
-    catalog = tmp / "tables.yaml"
-    catalog.write_text(yaml.safe_dump({"tables": tables}))
-    model = tmp / "model.yaml"
-    model.write_text(
-        yaml.safe_dump(
-            {
-                "name": f"m{unique}",
-                "kind": "deepfm",
-                "slots": list(SLOTS),
-                "dense_dim": 0,
-                "wide_table": f"{unique}_wide",
-                "deep_table": f"{unique}_deep",
-                "deep_dim": 16,
-                "hidden": [32, 16],
-            }
-        )
-    )
-    return catalog, model
 
 
 def _cli(*args: str, log: Path) -> subprocess.Popen[str]:
@@ -122,15 +92,6 @@ def _finish(proc: subprocess.Popen[str], log: Path, timeout: float = 60) -> str:
         proc.wait(10)
     assert proc.returncode == 0, f"{proc.args!r} -> {proc.returncode}\n{log.read_text()[-3000:]}"
     return log.with_suffix(".out").read_text()
-
-
-def _wait(what: str, done: Callable[[], Any], timeout: float, procs: Procs) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        for p in procs:
-            assert p.poll() is None, f"{p.args!r} exited early while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _produce(bootstrap: str, topic: str, batches: list[SampleBatch], first: int) -> None:
@@ -276,7 +237,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
     unique: str,
     tmp_path: Path,
 ) -> None:
-    catalog, model_path = _write_specs(tmp_path, unique)
+    catalog, model_path = write_specs(tmp_path, unique, serving={"fp16": False, "min_score": 0.0})
     spec = ModelSpec.from_yaml(str(model_path))
     connection = ["--bootstrap", kafka_bootstrap, "--prefix", topic_prefix]
     servers = [
@@ -341,7 +302,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         running.extend(trainers)
         _produce(kafka_bootstrap, topic, batches[start:stop], start)
         target = sum(b.num_rows for b in batches[start:stop])
-        _wait(f"{target} samples trained", lambda: trained() >= target, 120, trainers)
+        wait_for(f"{target} samples trained", lambda: trained() >= target, 120, trainers)
         for p in trainers:
             os.killpg(p.pid, signal.SIGTERM)  # a clean stop: push, wait applied, commit, exit 0
         results = [
@@ -368,7 +329,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         return _finish(proc, log)
 
     try:
-        _wait(
+        wait_for(
             "shard servers",
             lambda: all(client.exists(f"ps:table:{{{t}}}".encode()) for t in spec.tables()),
             60,
@@ -473,7 +434,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
             np.testing.assert_array_equal(_bits(dense[name]), _bits(value))
 
         # pipeline serve: raw impression features in, the trainer model's predictions out
-        _wait(
+        wait_for(
             "pipeline serve at version 2",
             lambda: (_health(port) or {}).get("model_version") == 2,
             60,

@@ -21,46 +21,19 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sklearn.metrics import roc_auc_score
 
 from pipeline.codec.samplebatch import encode_batch
-from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
-from pipeline.ps.catalog import load_catalog
+from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
 from pipeline.train.metrics import bucket_index
 from pipeline.train.metrics_sink import RedisMetricsSink
+from tests.e2eutil import wait_for, write_specs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 ROWS = 24_000
 MESSAGE_ROWS = 500
-
-
-def _write_specs(tmp: Path, unique: str) -> tuple[Path, Path]:
-    tables = []
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{unique}_{spec.name}"
-        tables.append(data)
-    catalog = tmp / "tables.yaml"
-    catalog.write_text(yaml.safe_dump({"tables": tables}))
-    model = tmp / "model.yaml"
-    model.write_text(
-        yaml.safe_dump(
-            {
-                "name": f"m{unique}",
-                "kind": "deepfm",
-                "slots": list(SLOTS),
-                "dense_dim": 0,
-                "wide_table": f"{unique}_wide",
-                "deep_table": f"{unique}_deep",
-                "deep_dim": 16,
-                "hidden": [32, 16],
-            }
-        )
-    )
-    return catalog, model
 
 
 def _cli(*args: str, log: Path) -> subprocess.Popen[str]:
@@ -81,15 +54,6 @@ def _produce(bootstrap: str, topic: str, batches: list[Any], partitions: int = 6
     assert producer.flush(30) == 0
 
 
-def _wait(what: str, done: Any, timeout: float, procs: list[subprocess.Popen[str]]) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        for p in procs:
-            assert p.poll() is None, f"a process exited early while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
     kafka_bootstrap: str,
     redis_url: str,
@@ -98,7 +62,7 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
     unique: str,
     tmp_path: Path,
 ) -> None:
-    catalog, model = _write_specs(tmp_path, unique)
+    catalog, model = write_specs(tmp_path, unique)
     job = f"job{unique}"
     servers = [
         _cli(
@@ -118,7 +82,7 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
     client = redis.Redis.from_url(redis_url)
     trainers: list[subprocess.Popen[str]] = []
     try:
-        _wait(
+        wait_for(
             "shard servers",
             lambda: client.exists(f"ps:table:{{{unique}_deep}}".encode()),
             30,
@@ -162,14 +126,14 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
             counts, _ = sink.global_cumulative()
             return int(counts.summary()["samples"])
 
-        _wait("first samples trained", lambda: trained() > 0, 60, trainers)
+        wait_for("first samples trained", lambda: trained() > 0, 60, trainers)
         trainers.append(trainer(2))  # joins mid-run: a rebalance
         joined = tmp_path / "t2.log"
-        _wait(
+        wait_for(
             "the third trainer's assignment", lambda: "assigned" in joined.read_text(), 60, trainers
         )
         _produce(kafka_bootstrap, topic, batches[half:])
-        _wait("every sample trained", lambda: trained() >= ROWS, 300, trainers)
+        wait_for("every sample trained", lambda: trained() >= ROWS, 300, trainers)
         time.sleep(2.0)  # would reveal samples trained twice
         results = []
         for p in trainers:
