@@ -151,6 +151,8 @@ class QueueDataset:
         self._consumer: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hold = threading.Event()
+        self._paused: set[TopicPartition] = set()  # reader thread only
         self._closing = False
         self._lock = threading.Lock()  # stats and the assignment snapshot
         self._assigned: set[TopicPartition] = set()  # changed by the reader thread only
@@ -220,6 +222,19 @@ class QueueDataset:
         """
         return self._queue.unfinished(partitions)
 
+    def hold(self, on: bool) -> None:
+        """Stop (``True``) or resume (``False``) taking new messages.
+
+        While held, the reader pauses its partitions and hands out the open partial
+        batch at once, so every message :meth:`get` started finishes and
+        :meth:`unfinished` becomes empty even on a stream that is never idle: the
+        clean point a snapshot cut waits for. Commits and rebalances go on.
+        """
+        if on:
+            self._hold.set()
+        else:
+            self._hold.clear()
+
     def assignment(self) -> list[TopicPartition]:
         """The partitions this consumer owns now."""
         with self._lock:
@@ -279,8 +294,10 @@ class QueueDataset:
                 waited = 0.0
                 for msg in msgs:
                     waited += self._handle(msg)
+                held = self._apply_hold()
                 pending = self._batcher.pending_rows
-                if pending and time.monotonic() - self._pending_since >= self._linger_s:
+                lingered = time.monotonic() - self._pending_since >= self._linger_s
+                if pending and (held or lingered):
                     waited += self._put(self._batcher.flush())
                 self._serve_commits()
                 with self._lock:
@@ -293,6 +310,20 @@ class QueueDataset:
             log.exception("dataset reader of %s failed", self.topic)
             self._commits.close(f"the dataset reader failed: {exc}")
             self._queue.fail(exc)
+
+    def _apply_hold(self) -> bool:
+        """Pause or resume the owned partitions as :meth:`hold` asks; True while held."""
+        from confluent_kafka import TopicPartition as KafkaTP
+
+        held = self._hold.is_set()
+        want = set(self._assigned) if held else set()
+        pause, resume = want - self._paused, self._paused - want
+        if pause:
+            self._consumer.pause([KafkaTP(t, p) for t, p in sorted(pause)])
+        if resume:
+            self._consumer.resume([KafkaTP(t, p) for t, p in sorted(resume)])
+        self._paused = want
+        return held
 
     def _handle(self, msg: Any) -> float:
         """Decode one message into the batcher; return seconds blocked on the queue."""
@@ -401,6 +432,7 @@ class QueueDataset:
             self._assigned |= got
         for tp in got:  # another member may have committed past what we remember
             self._committed.pop(tp, None)
+        self._paused -= got  # a new assignment starts unpaused; _apply_hold pauses it again
         log.info("%s: assigned %s", self.group, sorted(got))
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
@@ -425,6 +457,7 @@ class QueueDataset:
             self._serve_commits()  # what the hook asked for, last
             with self._lock:
                 self._assigned -= set(revoked)
+            self._paused -= set(revoked)
 
     def _run_hook(self, revoked: list[TopicPartition]) -> None:
         """Run the user's hook in a helper thread, serving its commits meanwhile."""
@@ -450,6 +483,7 @@ class QueueDataset:
         log.warning("%s: lost %s (session expired); no commit possible", self.group, lost)
         with self._lock:
             self._assigned -= set(lost)
+        self._paused -= set(lost)
         result = self._queue.revoke(lost, self._batcher, lost=True)
         with self._lock:
             self._stats.lost += 1

@@ -202,6 +202,7 @@ class Trainer:
         self._started = False
         self._stop = threading.Event()
         self._drain = threading.Event()
+        self._holding = False  # the source is held for a snapshot cut
         self._drained = threading.Event()
         self.on_window: Callable[[Any], None] | None = None
         #: takes part in snapshots between passes (pipeline.snapshot.participant)
@@ -256,6 +257,7 @@ class Trainer:
                     break
                 if self.participant is not None and self._started:
                     self.participant.poll(self, source)
+                    self._hold_for_cut(source)
                 current = self._assemble(source, poll_s)
                 if current is None:
                     if on_progress is not None:
@@ -267,7 +269,7 @@ class Trainer:
             slots = self._install(current)
             # read the next pass ahead so its rows are pulled while this one trains
             upcoming = None
-            cut = self.participant is not None and self.participant.wants_cut()
+            cut = self._hold_for_cut(source)
             if self.prefetch and not self._stop.is_set() and not self._drain.is_set() and not cut:
                 upcoming = self._assemble(source, 0.0)
                 if upcoming is not None:
@@ -502,6 +504,20 @@ class Trainer:
         self._commit_sources(ready)
         if self._started:
             self.dense.sync()
+
+    def _hold_for_cut(self, source: BatchSource) -> bool:
+        """Whether a snapshot cut waits for this trainer; holds the source meanwhile.
+
+        A held source (QueueDataset.hold) takes no new messages and finishes the
+        started ones, so a clean point comes even when the stream is never idle and
+        messages do not end on batch boundaries.
+        """
+        cut = self.participant is not None and self.participant.wants_cut()
+        hold = getattr(source, "hold", None)
+        if hold is not None and cut != self._holding:
+            hold(cut)
+            self._holding = cut
+        return cut
 
     def _finish_drain(self, source: BatchSource) -> None:
         """Train what is still handed out (rest of started messages), push, apply, commit."""

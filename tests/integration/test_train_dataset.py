@@ -200,6 +200,44 @@ def test_a_new_consumer_resumes_exactly_after_the_committed_offset(
     assert np.array_equal(tags_of(again), np.arange(200, 500))
 
 
+def test_hold_finishes_started_messages_and_takes_nothing_new_until_released(
+    settings: KafkaSettings,
+    project_topics: dict[str, str],
+    group_id: str,
+    dataset_factory: Callable[..., QueueDataset],
+) -> None:
+    """The clean point of a snapshot cut on a stream whose messages straddle batches."""
+    topic = project_topics["samples"]
+    first = tagged_stream([100] * 20, [0, 1] * 10)
+    produce(settings, topic, [(p, encode_batch(b), None) for p, b in first])
+    # 100-row messages in 64-row batches; a 60 s linger never flushes a tail by itself
+    ds = dataset_factory(topic, group_id, batch_rows=64, linger_s=60.0)
+    got = collect(ds, lambda g: len(g) >= 3)
+    ds.hold(True)
+    # what the reader took before the pause still comes out, then nothing: every message
+    # started is finished (the partial tail is handed out at once) and the queue runs dry
+    deadline, quiet = time.monotonic() + 15, 0
+    while quiet < 5 or ds.unfinished():
+        assert time.monotonic() < deadline, f"still unfinished: {ds.unfinished()}"
+        b = ds.get(0.2)
+        quiet = quiet + 1 if b is None else 0
+        if b is not None:
+            got.append(b)
+    held_at = len(got)
+    second = tagged_stream([100] * 10, [0, 1] * 5, start=2000)
+    produce(settings, topic, [(p, encode_batch(b), None) for p, b in second])
+    quiet_until = time.monotonic() + 2.0
+    while time.monotonic() < quiet_until:  # held: nothing new is taken
+        b = ds.get(0.2)
+        assert b is None, f"a batch while held: {b.completes}"
+    assert not ds.unfinished() and held_at == len(got)
+    ds.hold(False)  # the new messages flow: 15 full batches, the 40-row tail lingers
+    got += collect(ds, lambda g: sum(b.num_rows for b in g) >= 960, timeout=30)
+    ds.hold(True)  # holding again hands the tail out at once
+    got += collect(ds, lambda g: len(tags_of(got + g)) >= 3000, timeout=30)
+    assert sorted(tags_of(got)) == list(range(3000))  # every row once
+
+
 class ToyTrainer:
     """Trains (records) batches in a thread; commits after each; drains on revocation."""
 
