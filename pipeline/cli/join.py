@@ -39,6 +39,12 @@ __all__ = ["join"]
     default=None,
     help="Emit late clicks as correction positives [..._LATE_CORRECTIONS]",
 )
+@click.option(
+    "--positives",
+    type=click.Choice(["click", "close"]),
+    default=None,
+    help="Emit a positive at its click or when its window closes [..._POSITIVES; click]",
+)
 @click.option("--batch-size", type=int, default=None, help="Rows per batch [..._BATCH_SIZE]")
 @click.option("--linger-ms", type=int, default=None, help="Batch linger [..._LINGER_MS]")
 @click.option(

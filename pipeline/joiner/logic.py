@@ -4,7 +4,10 @@ No Kafka here: the engines (``runner.py``, ``app.py``) feed decoded events and t
 wall clock in, and route what comes out. Everything is decided by event time:
 
 * an impression opens an attribution window ``[t, t + window_ms]`` for its
-  ``(request_id, item_id)``; a click inside it emits a positive at once;
+  ``(request_id, item_id)``; a click inside it emits a positive at once (or, with
+  ``positives_at_close``, when the window closes, so positives and negatives leave
+  in the same event-time order and a model never sees a stretch of positives whose
+  negatives are still held back);
 * the window closes when the watermark passes ``t + window_ms``; then a negative
   is emitted (kept with probability ``negative_rate``, weight ``1/negative_rate``);
 * the watermark is ``min`` over the two input streams of their max event time,
@@ -69,6 +72,7 @@ class JoinConfig:
     retention_ms: int = 600_000
     negative_rate: float = 1.0
     late_corrections: bool = False
+    positives_at_close: bool = False
 
     def __post_init__(self) -> None:
         if self.window_ms < 0 or self.lateness_ms < 0 or self.retention_ms < 0:
@@ -85,6 +89,7 @@ class _Pending:
     time: int
     ids: dict[str, int]
     late: bool = False  # a click after the window already arrived
+    clicked: bool = False  # clicked in the window; the positive waits for the close
 
 
 @dataclass
@@ -245,7 +250,12 @@ class PartitionJoiner:
     def _click_on_pending(
         self, key: JoinKey, pending: _Pending, click: Click, out: list[Output]
     ) -> None:
-        if click.event_time <= pending.time + self.config.window_ms:
+        if pending.clicked:
+            self.counters.duplicate_clicks += 1
+        elif click.event_time <= pending.time + self.config.window_ms:
+            if self.config.positives_at_close:
+                pending.clicked = True
+                return
             del self._pending[key]
             self._emit(key, pending.user_id, Kind.POSITIVE, pending.time, pending.ids, out)
             self._remember(key, _Done(Kind.POSITIVE, pending.time))
@@ -256,6 +266,10 @@ class PartitionJoiner:
             self.counters.late_clicks += 1
 
     def _close(self, key: JoinKey, pending: _Pending, out: list[Output]) -> None:
+        if pending.clicked:
+            self._emit(key, pending.user_id, Kind.POSITIVE, pending.time, pending.ids, out)
+            self._remember(key, _Done(Kind.POSITIVE, pending.time))
+            return
         keep = keep_negative(key, self.config.negative_rate)
         if keep:
             self._emit(key, pending.user_id, Kind.NEGATIVE, pending.time, pending.ids, out)
@@ -341,7 +355,9 @@ class PartitionJoiner:
             "watermark": self.watermark,
             "streams": {n: s.max_time for n, s in self._streams.items()},
             "counters": asdict(self.counters),
-            "pending": [[*k, p.user_id, p.time, p.ids, p.late] for k, p in self._pending.items()],
+            "pending": [
+                [*k, p.user_id, p.time, p.ids, p.late, p.clicked] for k, p in self._pending.items()
+            ],
             "done": [[*k, d.kind, d.time, d.late, d.user_id, d.ids] for k, d in self._done.items()],
             "orphans": [
                 [c.request_id, c.user_id, c.item_id, c.event_time, o.to_json()]
@@ -361,8 +377,11 @@ class PartitionJoiner:
         for name, max_time in state["streams"].items():
             j._streams[name].max_time = max_time
         j.counters = Counters(**state["counters"])
-        for rid, iid, user, time, ids, late in state["pending"]:
-            j._pending[(rid, iid)] = _Pending(user, time, dict(ids), late)
+        for rid, iid, user, time, ids, late, *clicked in state["pending"]:
+            # checkpoints written before positives_at_close have no clicked flag
+            j._pending[(rid, iid)] = _Pending(
+                user, time, dict(ids), late, bool(clicked and clicked[0])
+            )
             heapq.heappush(j._closing, (time + config.window_ms, (rid, iid)))
         for rid, iid, kind, time, late, user, ids in state["done"]:
             j._remember((rid, iid), _Done(kind, time, late, user, dict(ids)))

@@ -41,6 +41,7 @@ def join_config(settings: JoinerSettings) -> JoinConfig:
         retention_ms=settings.retention_ms,
         negative_rate=settings.negative_rate,
         late_corrections=settings.late_corrections,
+        positives_at_close=settings.positives == "close",
     )
 
 

@@ -48,6 +48,12 @@ class JoinerSettings(BaseSettings):
     late_corrections: bool = Field(
         False, description="Emit a late click as a correction positive (kind 2 in the header)"
     )
+    positives: Literal["click", "close"] = Field(
+        "click",
+        description="When a positive is emitted: at its click (freshest) or when its window "
+        "closes, with the negatives (event-time order kept; no run of positives ahead of "
+        "their negatives)",
+    )
     batch_size: int = Field(1024, ge=1, description="Samples per SampleBatch message at most")
     linger_ms: int = Field(200, ge=0, description="Longest a sample waits for its batch to fill")
     checkpoint_interval_s: float = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -173,6 +174,37 @@ def test_click_arriving_after_close_is_late(corrections: bool) -> None:
     assert j.counters.duplicate_clicks == 1
 
 
+def test_positives_at_close_wait_for_the_window_and_keep_event_time_order() -> None:
+    j = PartitionJoiner(cfg(positives_at_close=True), NOW)
+    out = j.impression(imp("r1", 1000), NOW) + j.impression(imp("r2", 1020, item="i2"), NOW)
+    out += j.click(clk("r2", 1030, item="i2"), origin(), NOW)
+    out += j.click(clk("r2", 1031, item="i2"), origin(), NOW)  # a second click: duplicate
+    assert kinds(out) == [] and j.pending_count == 2
+    assert kinds(push_time(j, 1110)) == []  # wm 1100: r1's window [1000, 1100] not passed
+    assert kinds(push_time(j, 1140)) == [("r1", Kind.NEGATIVE), ("r2", Kind.POSITIVE)]
+    c = j.counters
+    assert (c.positives, c.negatives, c.duplicate_clicks, c.late_clicks) == (1, 1, 1, 0)
+    assert j.click(clk("r2", 1040, item="i2"), origin(), NOW) == []  # after the close
+    assert j.counters.duplicate_clicks == 2
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_positives_at_close_label_every_key_as_positives_at_click_do(seed: int) -> None:
+    events = _random_events(seed)
+    at_click = PartitionJoiner(cfg(negative_rate=0.5), NOW)
+    at_close = PartitionJoiner(cfg(negative_rate=0.5, positives_at_close=True), NOW)
+    early = samples(_feed(at_click, events) + push_time(at_click, 10**6))
+    late = samples(_feed(at_close, events) + push_time(at_close, 10**6))
+    as_set = lambda out: sorted((s.key, s.kind, s.label, s.weight, s.event_time) for s in out)  # noqa: E731
+    assert as_set(late) == as_set(early)
+    # the same counts, except the final filler positive, still pending at close
+    assert replace(at_close.counters, positives=0) == replace(at_click.counters, positives=0)
+    assert at_close.counters.positives == at_click.counters.positives - 1 > 10
+    # at close, samples leave in window-end (= impression time) order, whatever their label
+    times = [s.event_time for s in late]
+    assert times == sorted(times) and [s.event_time for s in early] != sorted(times)
+
+
 def test_duplicate_impressions_and_clicks_yield_one_sample() -> None:
     j = PartitionJoiner(cfg(), NOW)
     out = j.impression(imp("r1", 1000), NOW) + j.impression(imp("r1", 1001), NOW)
@@ -270,9 +302,10 @@ def _feed(j: PartitionJoiner, events: list[tuple[str, Any]], start: int = 0) -> 
     return out
 
 
+@pytest.mark.parametrize("at_close", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_state_round_trip_gives_the_same_outputs(seed: int) -> None:
-    config = cfg(negative_rate=0.5, late_corrections=True)
+def test_state_round_trip_gives_the_same_outputs(seed: int, at_close: bool) -> None:
+    config = cfg(negative_rate=0.5, late_corrections=True, positives_at_close=at_close)
     events = _random_events(seed)
     whole = PartitionJoiner(config, NOW)
     expected = _feed(whole, events) + push_time(whole, 10**6)
