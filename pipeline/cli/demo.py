@@ -24,7 +24,23 @@ __all__ = ["demo"]
     type=float,
     default=2000.0,
     show_default=True,
-    help="Samples per second produced (synthetic generator)",
+    help="Impressions (or sample rows) per second produced",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["events", "samples"]),
+    default="events",
+    show_default=True,
+    help="Synthetic data as impressions + clicks joined by `pipeline join`, or as labelled "
+    "sample batches straight to the trainers",
+)
+@click.option(
+    "--window",
+    "window_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Attribution window of the joiner in seconds (events source)",
 )
 @click.option("--shards", type=int, default=2, show_default=True, help="Shard servers")
 @click.option("--trainers", type=int, default=2, show_default=True, help="Trainer processes")
@@ -39,7 +55,7 @@ __all__ = ["demo"]
     "--dataset",
     type=click.Path(path_type=Path),
     default=None,
-    help="Replay this dataset instead of the synthetic generator",
+    help="Replay this dataset (paced at --rate, event times restamped) instead of the generator",
 )
 @click.option(
     "--format",
@@ -78,6 +94,8 @@ def demo(
     shards: int,
     trainers: int,
     model_kind: str,
+    source: str,
+    window_s: float,
     dataset: Path | None,
     dataset_format: str | None,
     state_dir: Path,
@@ -90,10 +108,10 @@ def demo(
     snapshot_interval: float,
     seed: int,
 ) -> None:
-    """Run broker, Redis, shard servers, trainers, snapshots, publisher and serving.
+    """Run broker, Redis, joiner, shard servers, trainers, snapshots, publisher and serving.
 
-    Prints progress every 2 s, stops cleanly at --duration or on Ctrl-C, then prints
-    a summary and writes <state-dir>/report (report.json, auc/throughput/freshness PNGs).
+    Prints progress every 2 s, stops cleanly at --duration or on Ctrl-C, then prints a
+    summary and writes <state-dir>/report (report.json, auc/throughput/freshness/lag PNGs).
     See docs/demo.md.
     """
     settings = DemoSettings(
@@ -103,6 +121,8 @@ def demo(
         shards=shards,
         trainers=trainers,
         model_kind=model_kind,
+        source=source,
+        window_s=window_s,
         dataset=dataset,
         dataset_format=dataset_format,
         bootstrap=bootstrap,

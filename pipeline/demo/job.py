@@ -8,11 +8,12 @@ data, trainers (drained, then SIGTERM: push, apply, commit), a last snapshot,
 then publisher, server, shard servers and the stack. Any failure stops every
 process group it started before the error is raised.
 
-Data: the synthetic :class:`~pipeline.ingest.generator.TrafficGenerator`'s sample
-batches produced from this process paced at ``rate`` rows/s with event times on
-the wall clock (so freshness is meaningful), or a dataset replayed with
-``pipeline replay dataset``. The joiner path (impressions + clicks) is not part
-of the demo; see docs/joiner.md to run it.
+Data (:mod:`pipeline.demo.feeds`): by default the synthetic
+:class:`~pipeline.ingest.generator.TrafficGenerator`'s impressions and clicks,
+produced at wall-clock pace to the event topics and joined into samples by a
+``pipeline join`` process; or (``source="samples"``) its labelled sample batches
+straight to ``samples``; or a dataset's batches paced at ``rate`` rows/s with event
+times restamped to the wall clock.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import contextlib
 import http.client
 import json
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,13 +34,17 @@ import yaml
 
 from pipeline.codec.slots import SlotConfig
 from pipeline.config import StackSettings
+from pipeline.demo.feeds import EventFeed, Feed, SampleFeed
+from pipeline.demo.lag import GroupLag
 from pipeline.demo.procs import ProcessSet
 from pipeline.demo.report import Tick, Timeline, format_tick, summarize, summary_text, write_report
 from pipeline.errors import PipelineError
 
 __all__ = ["DemoError", "DemoSettings", "run_demo"]
 
-SAMPLES_PARTITIONS = 6
+SOURCES = ("events", "samples")
+LATENESS_MS = 1_000  # the joiner's allowed disorder: events are produced in time order
+IDLE_MS = 5_000  # quiet streams stop holding the joiner's watermark after this
 
 
 class DemoError(PipelineError):
@@ -57,6 +61,8 @@ class DemoSettings:
     shards: int = 2
     trainers: int = 2
     model_kind: str = "deepfm"
+    source: str = "events"
+    window_s: float = 5.0
     dataset: Path | None = None
     dataset_format: str | None = None
     bootstrap: str | None = None
@@ -75,6 +81,15 @@ class DemoSettings:
             raise DemoError("--duration, --rate and the progress interval must be > 0")
         if self.shards < 1 or self.trainers < 1:
             raise DemoError("--shards and --trainers must be >= 1")
+        if self.source not in SOURCES:
+            raise DemoError(f"--source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if not self.window_s > 0:
+            raise DemoError("--window must be > 0 seconds")
+
+    @property
+    def joined(self) -> bool:
+        """Whether samples come from the joiner (generator events, no dataset)."""
+        return self.dataset is None and self.source == "events"
 
 
 class _Interrupted(Exception):
@@ -150,46 +165,6 @@ def _signals_interrupt() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-class _Producer(threading.Thread):
-    """Produces the generator's batches paced at ``rate`` rows/s, event time = wall time."""
-
-    def __init__(self, bootstrap: str, topic: str, rate: float, total: int, seed: int) -> None:
-        super().__init__(name="demo-producer", daemon=True)
-        from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
-
-        self.generator = TrafficGenerator(
-            TrafficConfig(seed=seed, rate=rate, start_time_ms=int(time.time() * 1000))
-        )
-        self.bootstrap, self.topic, self.rate, self.total = bootstrap, topic, rate, total
-        self.produced = 0
-        self.error: str | None = None
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        from confluent_kafka import Producer
-
-        from pipeline.codec.samplebatch import encode_batch
-
-        try:
-            producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-            rows = max(50, min(2000, int(self.rate / 4)))
-            start = time.monotonic()
-            for i, (batch, _) in enumerate(self.generator.samples(self.total, rows)):
-                due = start + self.produced / self.rate
-                if self._halt.wait(max(0.0, due - time.monotonic())):
-                    break
-                producer.produce(self.topic, encode_batch(batch), partition=i % SAMPLES_PARTITIONS)
-                producer.poll(0)
-                self.produced += batch.num_rows
-            if producer.flush(30) != 0:
-                self.error = "the producer could not deliver every batch"
-        except Exception as exc:  # reported by the main loop
-            self.error = f"producer failed: {exc}"
 
 
 def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -353,21 +328,42 @@ def _run(
     )
 
     total = int(settings.rate * settings.duration_s)
-    producer: _Producer | None = None
-    bayes: float | None = None
-    if dataset is None:
-        producer = _Producer(bootstrap, f"{prefix}samples", settings.rate, total, settings.seed)
-        bayes = producer.generator.bayes_auc(min(total, 100_000))
-        producer.start()
+    feed, bayes = _start_feed(settings, bootstrap, prefix, dataset, total)
+    lags = {"train": GroupLag(bootstrap, f"{prefix}train.{job}", [f"{prefix}samples"])}
+    if settings.joined:
+        window_ms = int(settings.window_s * 1000)
+        procs.start(
+            "join",
+            "join",
+            "--slots",
+            ",".join(layout.slots),
+            "--window-ms",
+            str(window_ms),
+            "--lateness-ms",
+            str(LATENESS_MS),
+            "--idle-ms",
+            str(IDLE_MS),
+            "--positives",
+            "close",
+            "--linger-ms",
+            "250",
+            "--checkpoint-interval-s",
+            "2",
+            *kafka,
+        )
+        topics = [f"{prefix}events.impressions", f"{prefix}events.clicks"]
+        lags["join"] = GroupLag(bootstrap, f"{prefix}joiner", topics)
+    feed.start()
+    if settings.joined:
+        data = f"producing {total} impressions + their clicks ({settings.window_s:g} s window)"
+    elif settings.dataset is not None:
+        data = f"replaying up to {total} rows of {settings.dataset} at {settings.rate:g}/s"
     else:
-        replay = ["replay", "dataset", str(settings.dataset), "--limit", str(total), *kafka]
-        if settings.dataset_format:
-            replay += ["--format", settings.dataset_format]
-        procs.start("replay", *replay)
+        data = f"producing {total} labelled samples"
     echo(
         f"{settings.shards} shard servers, {settings.trainers} trainers, snapshot coordinator, "
-        f"publisher, serve on http://127.0.0.1:{port}; producing {total} rows "
-        f"over {settings.duration_s:g} s (Ctrl-C stops early)"
+        f"publisher, serve on http://127.0.0.1:{port}{', joiner' if settings.joined else ''}; "
+        f"{data} over {settings.duration_s:g} s (Ctrl-C stops early)"
     )
 
     sink = RedisMetricsSink(client, job)
@@ -376,7 +372,7 @@ def _run(
     first_trained: float | None = None
     last = (t0, 0)
     health: dict[str, Any] = {}
-    expected_exits = {"replay"}
+    expected_exits: set[str] = set()
 
     def tick() -> int:
         nonlocal last, first_trained, health
@@ -390,54 +386,71 @@ def _run(
         health = _health(port)
         fresh = health.get("freshness_ms")
         auc = counts.auc() if trained else None
-        produced = producer.produced if producer is not None else trained
         item = Tick(
             round(now - t0, 2),
-            produced,
+            feed.expected_samples,
             trained,
             round(rate, 1),
             auc if auc is not None and auc == auc else None,
             health.get("model_version"),
             None if fresh is None else fresh / 1000,
+            lags["train"].messages(),
+            lags["join"].messages() if "join" in lags else None,
         )
         timeline.add(item)
         echo(format_tick(item))
         return trained
 
+    def check() -> None:
+        failed = [n for n in procs.dead() if n not in expected_exits]
+        if failed:
+            raise DemoError(f"{failed[0]} exited unexpectedly: {procs.log_tail(failed[0])}")
+        if feed.error:
+            raise DemoError(feed.error)
+
     interrupted = False
     try:
+        trained = 0
         while time.monotonic() - t0 < settings.duration_s:
             time.sleep(settings.progress_s)
+            trained = tick()
+            check()
+            if not feed.is_alive() and trained >= feed.expected_samples:
+                break  # a dataset shorter than rate x duration: done early
+        # the generator's last clicks come up to 0.9 windows after its last impression
+        while (
+            feed.is_alive() and time.monotonic() - t0 < settings.duration_s + 2 * settings.window_s
+        ):
+            time.sleep(settings.progress_s)
             tick()
-            failed = [n for n in procs.dead() if n not in expected_exits]
-            if failed:
-                raise DemoError(f"{failed[0]} exited unexpectedly: {procs.log_tail(failed[0])}")
-            if producer is not None and producer.error:
-                raise DemoError(producer.error)
+            check()
     except _Interrupted:
         interrupted = True
         echo("interrupted: stopping cleanly (Ctrl-C again is ignored until done)")
     except BaseException:
-        if producer is not None:
-            producer.stop()
+        feed.stop()
         raise
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # stop the data, let the trainers drain what was produced
-    if producer is not None:
-        producer.stop()
-        producer.join(35)
-    procs.stop(["replay"], 10)
-    produced = producer.produced if producer is not None else None
-    drain_until = time.monotonic() + 30
+    # stop the data; let the joiner close its windows and the trainers drain the rest
+    feed.stop()
+    feed.join(35)
+    produced = feed.expected_samples
+    grace = 30.0 + ((IDLE_MS + LATENESS_MS) / 1000 + settings.window_s if settings.joined else 0)
+    drain_until = time.monotonic() + grace
     trained = tick()
-    while produced is not None and trained < produced and time.monotonic() < drain_until:
+    while trained < produced and time.monotonic() < drain_until:
         time.sleep(1.0)
         trained = tick()
+        check()
+    if trained < produced:
+        echo(f"warning: {produced - trained} samples not trained after {grace:g} s of draining")
     train_end = time.monotonic()
-    codes = procs.stop([*trainers, "snapshot"], 60)
-    bad = {n: c for n, c in codes.items() if n in trainers and c != 0}
+    codes = procs.stop([*trainers, "snapshot", "join"], 60)
+    for lag in lags.values():
+        lag.close()
+    bad = {n: c for n, c in codes.items() if n in [*trainers, "join"] and c != 0}
     if bad:
-        echo(f"warning: trainers exited with {bad}")
+        echo(f"warning: exit codes {bad}")
     echo("taking the last snapshot")
     procs.start(
         "snapshot-final",
@@ -478,6 +491,10 @@ def _run(
     )
     summary["trainers"] = members
     summary["interrupted"] = interrupted
+    summary["samples_expected"] = produced
+    if isinstance(feed, EventFeed):
+        summary["events"] = {"impressions": feed.impressions, "clicks": feed.clicks}
+        summary["joiner"] = _joiner_counters(procs.log_dir / "join.log")
     meta = {
         "job": job,
         "prefix": prefix,
@@ -488,7 +505,10 @@ def _run(
         "shards": settings.shards,
         "trainers": settings.trainers,
         "model": settings.model_kind,
-        "data": str(settings.dataset) if settings.dataset else "synthetic generator",
+        "data": str(settings.dataset)
+        if settings.dataset
+        else f"synthetic generator ({settings.source})",
+        "attribution_window_s": settings.window_s if settings.joined else None,
         "pids": {n: p.pid for n, p in procs.procs.items()},
     }
     paths = write_report(state / "report", timeline, summary, meta)
@@ -496,6 +516,63 @@ def _run(
     echo(summary_text(summary))
     echo(f"report: {paths[0].parent} ({', '.join(p.name for p in paths)})")
     return summary
+
+
+def _start_feed(
+    settings: DemoSettings, bootstrap: str, prefix: str, dataset: Any, total: int
+) -> tuple[Feed, float | None]:
+    """The data feed (not started) and the best AUC a model can reach on it, if known."""
+    from pipeline.ingest.generator import TrafficConfig, TrafficGenerator, exact_auc
+
+    rows = max(50, min(2000, int(settings.rate / 4)))  # about 4 messages a second
+    if dataset is not None:
+        batches = dataset.batches(batch_rows=rows, limit=total)
+        return SampleFeed(bootstrap, f"{prefix}samples", batches, settings.rate, restamp=True), None
+    now = int(time.time() * 1000)
+    if not settings.joined:
+        gen = TrafficGenerator(
+            TrafficConfig(seed=settings.seed, rate=settings.rate, start_time_ms=now)
+        )
+        batches = (batch for batch, _ in gen.samples(total, rows))
+        feed: Feed = SampleFeed(
+            bootstrap, f"{prefix}samples", batches, settings.rate, restamp=False
+        )
+        return feed, gen.bayes_auc(min(total, 100_000))
+    window_ms = int(settings.window_s * 1000)
+    gen = TrafficGenerator(
+        TrafficConfig(
+            seed=settings.seed,
+            rate=settings.rate,
+            start_time_ms=now + 500,
+            attribution_window_ms=window_ms,
+            mean_click_delay_ms=max(1, window_ms // 5),
+        )
+    )
+    log = gen.events(total)
+    feed = EventFeed(
+        bootstrap,
+        f"{prefix}events.impressions",
+        f"{prefix}events.clicks",
+        log.impressions,
+        log.clicks,
+    )
+    return feed, exact_auc(log.labels(), log.true_p)
+
+
+def _joiner_counters(log_path: Path) -> dict[str, int] | None:
+    """The counters ``pipeline join`` prints as its last line (None when missing)."""
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                counters: dict[str, int] = json.loads(line)
+            except ValueError:
+                return None
+            return counters
+    return None
 
 
 def _wait(what: str, done: Callable[[], bool], timeout: float, procs: ProcessSet) -> None:

@@ -3,7 +3,8 @@
 A :class:`Timeline` collects one :class:`Tick` per progress line; :func:`summarize`
 turns it into the final figures (rows trained, AUC against the generator's Bayes
 AUC and the 0.5 of a constant prediction, throughput, freshness percentiles) and
-:func:`write_report` writes them with PNG plots of AUC, throughput and freshness.
+:func:`write_report` writes them with PNG plots of AUC, throughput, freshness and
+consumer lag.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Tick:
     auc: float | None
     model_version: int | None
     freshness_s: float | None
+    lag: int | None = None  # messages the trainer group has not committed
+    join_lag: int | None = None  # event messages the joiner has not committed
 
 
 @dataclass
@@ -53,10 +56,12 @@ def format_tick(tick: Tick) -> str:
     auc = f"{tick.auc:.4f}" if tick.auc is not None else "  -   "
     version = str(tick.model_version) if tick.model_version is not None else "-"
     fresh = f"{tick.freshness_s:.1f}s" if tick.freshness_s is not None else "-"
-    backlog = max(0, tick.produced - tick.trained)
+    lag = "-" if tick.lag is None else str(tick.lag)
+    if tick.join_lag is not None:
+        lag += f" (join {tick.join_lag})"
     return (
         f"[{tick.t:6.1f}s] produced {tick.produced:>8} trained {tick.trained:>8} "
-        f"({tick.samples_per_s:7.0f}/s, backlog {backlog:>6})  AUC {auc}  "
+        f"({tick.samples_per_s:5.0f}/s) lag {lag} msgs  AUC {auc}  "
         f"model v{version} freshness {fresh}"
     )
 
@@ -75,6 +80,7 @@ def summarize(
     """The final figures (JSON-ready; None where unknown)."""
     fresh = [t.freshness_s for t in timeline.ticks if t.freshness_s is not None]
     rates = [t.samples_per_s for t in timeline.ticks if t.samples_per_s > 0]
+    lags = [t.lag for t in timeline.ticks if t.lag is not None]
     return {
         "rows_trained": trained,
         "final_auc": _finite(auc),
@@ -87,6 +93,8 @@ def summarize(
         "freshness_p99_s": float(np.percentile(fresh, 99)) if fresh else None,
         "versions_published": versions,
         "last_snapshot": snapshot,
+        "lag_max_messages": max(lags) if lags else None,
+        "lag_final_messages": lags[-1] if lags else None,
     }
 
 
@@ -108,8 +116,22 @@ def summary_text(summary: dict[str, Any]) -> str:
             f"p99 {num('freshness_p99_s', '{:.1f}')} s",
             f"versions          {num('versions_published', '{}')} published",
             f"last snapshot     {summary['last_snapshot'] or '-'}",
+            *_joiner_lines(summary),
         ]
     )
+
+
+def _joiner_lines(summary: dict[str, Any]) -> list[str]:
+    events, counters = summary.get("events"), summary.get("joiner")
+    if not events:
+        return []
+    line = f"events            {events['impressions']} impressions, {events['clicks']} clicks"
+    if counters:
+        line += (
+            f"; joined {counters['positives']} positives + {counters['negatives']} negatives, "
+            f"{counters['late_clicks']} late clicks, {counters['orphan_clicks']} orphans"
+        )
+    return [line]
 
 
 def _plot(path: Path, xs: list[float], series: dict[str, list[float | None]], ylabel: str) -> None:
@@ -138,7 +160,7 @@ def _plot(path: Path, xs: list[float], series: dict[str, list[float | None]], yl
 def write_report(
     directory: Path, timeline: Timeline, summary: dict[str, Any], meta: dict[str, Any]
 ) -> list[Path]:
-    """Write report.json and auc.png, throughput.png, freshness.png; returns the paths.
+    """Write report.json and auc.png, throughput.png, freshness.png, lag.png; returns paths.
 
     The PNGs need matplotlib (a project dependency); without it only report.json is written.
     """
@@ -167,6 +189,13 @@ def write_report(
             "samples/s",
         ),
         "freshness.png": ({"freshness": [t.freshness_s for t in ticks]}, "freshness (s)"),
+        "lag.png": (
+            {
+                "trainers": [None if t.lag is None else float(t.lag) for t in ticks],
+                "joiner": [None if t.join_lag is None else float(t.join_lag) for t in ticks],
+            },
+            "consumer lag (messages)",
+        ),
     }
     paths = [out]
     try:

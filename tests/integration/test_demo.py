@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,13 @@ def test_demo_trains_publishes_serves_reports_and_leaves_nothing_running(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((state / "report" / "report.json").read_text())
     summary = report["summary"]
-    assert summary["rows_trained"] == 90_000  # every produced row trained, none twice
+    # every impression joined into exactly one sample, every sample trained once
+    assert summary["samples_expected"] == summary["rows_trained"] == 90_000
+    events, joiner = summary["events"], summary["joiner"]
+    assert events["impressions"] == 90_000 and events["clicks"] > 1000
+    assert joiner["positives"] + joiner["negatives"] == 90_000
+    assert joiner["positives"] + joiner["late_clicks"] == events["clicks"]  # no duplicates
+    assert joiner["orphan_clicks"] == joiner["malformed"] == 0
     assert summary["final_auc"] > summary["baseline_auc"] + 0.08, summary
     assert summary["final_auc"] < summary["bayes_auc"] + 0.01, summary  # no leak of labels
     assert summary["freshness_p50_s"] is not None and 0 <= summary["freshness_p50_s"] < 30
@@ -86,14 +93,82 @@ def test_demo_trains_publishes_serves_reports_and_leaves_nothing_running(tmp_pat
     assert summary["last_snapshot"] and Path(summary["last_snapshot"]).is_dir()
     assert sorted(summary["trainers"]) == ["t0", "t1"]
     assert len(report["timeline"]) >= 10
-    for name in ("auc.png", "throughput.png", "freshness.png"):
+    assert summary["lag_max_messages"] is not None
+    assert all(t["lag"] is not None and t["join_lag"] is not None for t in report["timeline"])
+    for name in ("auc.png", "throughput.png", "freshness.png", "lag.png"):
         assert (state / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "global AUC" in result.stdout and "freshness" in result.stdout
     # nothing left: the recorded role PIDs, the stack, anything naming the state dir
     pids = json.loads((state / "logs" / "demo-pids.json").read_text())
-    assert {"ps0", "ps1", "train0", "train1", "snapshot", "publish", "serve"} <= set(pids)
+    assert {"ps0", "ps1", "join", "train0", "train1", "snapshot", "publish", "serve"} <= set(pids)
     assert [n for n, pid in pids.items() if _alive(pid)] == []
     assert not (state / "stack" / "stack.json").exists()
+    assert _running_with(str(state)) == []
+
+
+def test_ctrl_c_stops_cleanly_with_everything_produced_trained_and_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "interrupted"
+    args = ["--duration", "300", "--rate", "800", "--source", "samples", "--state-dir", str(state)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, "demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # progress lines: wait until the model is published
+            if "model v" in line and "model v-" not in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "interrupted: stopping cleanly" in out
+    summary = json.loads((state / "report" / "report.json").read_text())["summary"]
+    assert summary["interrupted"] is True
+    assert 0 < summary["samples_expected"] < 800 * 300
+    assert summary["rows_trained"] == summary["samples_expected"]  # the backlog was drained
+    assert summary["last_snapshot"] and Path(summary["last_snapshot"]).is_dir()
+    pids = json.loads((state / "logs" / "demo-pids.json").read_text())
+    assert [n for n, pid in pids.items() if _alive(pid)] == []
+    assert _running_with(str(state)) == []
+
+
+CRITEO = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "criteo" / "train.tsv"
+
+
+@pytest.mark.skipif(not CRITEO.exists(), reason=f"the Criteo sample is not at {CRITEO}")
+def test_demo_replays_a_dataset_paced_and_restamped(tmp_path: Path) -> None:
+    state = tmp_path / "criteo"
+    result = _demo(
+        "--dataset",
+        str(CRITEO),
+        "--rate",
+        "600",
+        "--duration",
+        "30",
+        "--state-dir",
+        str(state),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((state / "report" / "report.json").read_text())
+    summary = report["summary"]
+    # the sample's 7,200 rows are fewer than rate x duration: all of them, once, then done
+    assert summary["samples_expected"] == summary["rows_trained"] == 7200
+    assert summary["elapsed_s"] < 30 + 30  # stopped once drained, not at --duration + drain
+    assert summary["bayes_auc"] is None and "events" not in summary
+    assert summary["final_auc"] > summary["baseline_auc"] + 0.05, summary
+    # event times were restamped on the wall clock, so freshness is seconds, not years
+    assert summary["freshness_p50_s"] is not None and 0 <= summary["freshness_p50_s"] < 30
+    assert report["settings"]["data"] == str(CRITEO)
+    pids = json.loads((state / "logs" / "demo-pids.json").read_text())
+    assert "join" not in pids and [n for n, pid in pids.items() if _alive(pid)] == []
     assert _running_with(str(state)) == []
 
 
