@@ -85,7 +85,7 @@ __all__ = ["demo"]
 @click.option("--broker-port", type=int, default=None, help="Embedded broker port [free]")
 @click.option("--redis-port", type=int, default=None, help="Embedded redis port [free]")
 @click.option("--serve-port", type=int, default=None, help="Serving HTTP port [free]")
-@click.option("--publish-interval", type=float, default=5.0, show_default=True)
+@click.option("--publish-interval", type=float, default=2.0, show_default=True)
 @click.option("--snapshot-interval", type=float, default=30.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Generator seed")
 def demo(

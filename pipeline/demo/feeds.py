@@ -105,7 +105,12 @@ class SampleFeed(Feed):
 
 
 class EventFeed(Feed):
-    """Impressions and clicks, each sent when the wall clock reaches its event time."""
+    """Impressions and clicks, each sent when the wall clock reaches its event time.
+
+    Event times are shifted by the wall time between ``start_ms`` (the generator's
+    start) and the feed's start, so the time spent generating is not produced as a
+    burst of events that are already old.
+    """
 
     def __init__(
         self,
@@ -114,8 +119,10 @@ class EventFeed(Feed):
         clicks_topic: str,
         impressions: list[dict[str, Any]],
         clicks: list[dict[str, Any]],
+        start_ms: int,
     ) -> None:
         super().__init__("demo-events")
+        self.start_ms = start_ms
         self.bootstrap = bootstrap
         self.topics = impressions_topic, clicks_topic
         self._impressions, self._clicks = impressions, clicks
@@ -140,8 +147,11 @@ class EventFeed(Feed):
 
         try:
             producer = EventProducer(KafkaSettings(bootstrap=self.bootstrap), *self.topics)
+            shift = max(0, int(time.time() * 1000) - self.start_ms)
             with producer:
                 for event_time, kind, record in self._plan():
+                    event_time += shift
+                    record = {**record, "event_time": event_time}
                     wait_s = event_time / 1000 - time.time()
                     if wait_s > 0.002 and self._pause(wait_s):
                         break

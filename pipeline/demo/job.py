@@ -71,7 +71,7 @@ class DemoSettings:
     redis_port: int | None = None
     serve_port: int | None = None
     progress_s: float = 2.0
-    publish_interval_s: float = 5.0
+    publish_interval_s: float = 2.0
     snapshot_interval_s: float = 30.0
     batch_rows: int = 256
     seed: int = 0
@@ -543,7 +543,7 @@ def _start_feed(
         TrafficConfig(
             seed=settings.seed,
             rate=settings.rate,
-            start_time_ms=now + 500,
+            start_time_ms=now,
             attribution_window_ms=window_ms,
             mean_click_delay_ms=max(1, window_ms // 5),
         )
@@ -555,6 +555,7 @@ def _start_feed(
         f"{prefix}events.clicks",
         log.impressions,
         log.clicks,
+        start_ms=now,
     )
     return feed, exact_auc(log.labels(), log.true_p)
 
