@@ -1,4 +1,4 @@
-"""Helpers shared by benchmark scripts: a private redis-server, RSS, table printing."""
+"""Helpers shared by benchmark scripts: private redis-server / stack, RSS, table printing."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -15,6 +16,33 @@ def private_redis() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory() as tmp, spawn(Path(tmp)) as url:
         yield url
+
+
+@contextlib.contextmanager
+def private_stack(prefix: str = "bench-") -> Iterator[tuple[Any, Path]]:
+    """The embedded broker + redis-server on free ports in a temporary dir.
+
+    Yields the running ``EmbeddedStack`` and the dir (for specs and scratch files);
+    both are stopped and removed on exit.
+    """
+    from pipeline.config import StackSettings
+    from pipeline.stack import EmbeddedStack, free_port
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        stack = EmbeddedStack(
+            StackSettings(
+                state_dir=work / "stack",
+                broker_port=free_port(),
+                redis_port=free_port(),
+                start_timeout_s=30,
+            )
+        )
+        stack.up()
+        try:
+            yield stack, work
+        finally:
+            stack.down()
 
 
 def rss_mb() -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -36,15 +35,14 @@ import fastavro
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import print_table, private_stack
 
 from pipeline.codec import avro
 from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch, to_sample_records
-from pipeline.config import KafkaSettings, StackSettings
+from pipeline.config import KafkaSettings
 from pipeline.ingest.replay import DeliveryErrors, produce_waiting, replay_dataset
 from pipeline.kafka import producer as make_producer
 from pipeline.smoke import CRITEO_LIKE, random_batch
-from pipeline.stack import EmbeddedStack, free_port
 from pipeline.topics import TopicSpec, apply_topics, load_topic_specs
 
 Row = tuple[str, float, float]  # stage, columnar rate, per-row baseline rate
@@ -178,17 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-rows", type=int, default=1024)
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = EmbeddedStack(
-            StackSettings(
-                state_dir=Path(tmp) / "stack", broker_port=free_port(), redis_port=free_port()
-            )
-        )
-        stack.up()
-        try:
-            run(stack.bootstrap, Path(tmp), args)
-        finally:
-            stack.down()
+    with private_stack("ingest-bench-") as (stack, tmp):
+        run(stack.bootstrap, tmp, args)
 
 
 def run(bootstrap: str, tmp: Path, args: argparse.Namespace) -> None:

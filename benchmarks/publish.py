@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ import numpy as np
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import print_table, private_stack
 
-from pipeline.config import KafkaSettings, StackSettings
+from pipeline.config import KafkaSettings
 from pipeline.kafka import producer
 from pipeline.model.modules import build_model, dense_state
 from pipeline.model.spec import ModelSpec
@@ -47,7 +46,6 @@ from pipeline.ps.spec import TableSpec
 from pipeline.publish.publisher import Publisher
 from pipeline.publish.subscriber import Subscriber
 from pipeline.snapshot.coordinator import SnapshotCoordinator
-from pipeline.stack import EmbeddedStack, free_port
 from pipeline.topics import apply_topics, load_topic_specs
 
 DIM = 16
@@ -80,16 +78,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    stack = EmbeddedStack(
-        StackSettings(
-            state_dir=Path(tempfile.mkdtemp()),
-            broker_port=free_port(),
-            redis_port=free_port(),
-            start_timeout_s=30,
-        )
-    )
-    stack.up()
-    try:
+    with private_stack("publish-bench-") as (stack, work):
         apply_topics({"bootstrap.servers": stack.bootstrap}, load_topic_specs(), prefix="b.")
         topic = "b.model.updates"
         specs = [
@@ -121,7 +110,7 @@ def main() -> int:
         _fill(ps, ids[: args.delta_rows])
         delta = pub.publish()
         raw_s = _raw_produce(stack.bootstrap, "b.metrics", base.payload_bytes)
-        snap_dir = Path(tempfile.mkdtemp(prefix="snapbench-"))
+        snap_dir = work / "snapshots"
         coordinator = SnapshotCoordinator(
             client, snap_dir, tables=["wide", "deep"], dense=[model.dense_table_name()]
         )
@@ -213,8 +202,6 @@ def main() -> int:
             )
         else:
             print("  freshness: no version applied during the window")
-    finally:
-        stack.down()
     return 0
 
 

@@ -40,7 +40,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,15 +50,13 @@ import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import print_table, private_stack
 
 from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch
-from pipeline.config import StackSettings
 from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.catalog import load_catalog
 from pipeline.ps.spec import TableSpec
-from pipeline.stack import EmbeddedStack, free_port
 from pipeline.topics import apply_topics, load_topic_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,44 +306,36 @@ def main() -> None:
     local = in_process(messages, model, args.batch_rows, args.device)
     print(f"in-process: {local['rows/s']:,.0f} rows/s", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        stack = EmbeddedStack(
-            StackSettings(state_dir=tmp / "stack", broker_port=free_port(), redis_port=free_port())
-        )
-        stack.up()
-        try:
-            table_rows = {}
-            runs = [f"r{i}" for i in range(len(cases))]
-            tables = [t for run in runs for t in run_tables(run)]
-            catalog = tmp / "tables.yaml"
-            catalog.write_text(yaml.safe_dump({"tables": tables}))
-            specs = load_topic_specs()
-            apply_topics({"bootstrap.servers": stack.bootstrap}, specs, prefix=PREFIX)
-            partitions = next(s.partitions for s in specs if s.name == "samples")
-            produce_s = produce(stack.bootstrap, PREFIX + "samples", messages, partitions)
-            print(f"produced {total:,} rows in {produce_s:.1f} s", file=sys.stderr)
-            env = {
-                "PIPELINE_KAFKA_BOOTSTRAP": stack.bootstrap,
-                "PIPELINE_TOPICS_PREFIX": PREFIX,
-                "PIPELINE_REDIS_URL": stack.redis_url,
-                "PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000",
-            }
-            with shard_servers(catalog, stack.redis_url, tmp, [t["name"] for t in tables]):
-                for case, run in zip(cases, runs, strict=True):
-                    model_path = tmp / f"{run}.yaml"
-                    model_path.write_text(yaml.safe_dump(run_model(model, run)))
-                    table_rows[case] = pipeline_run(case, run, model_path, catalog, env, args, tmp)
-                    got = table_rows[case]
-                    print(
-                        f"{case.trainers} trainer(s), cache {case.cache}: "
-                        f"{got['rows/s']:,.0f} rows/s, rows per trainer {got['split']}",
-                        file=sys.stderr,
-                    )
-                    if int(got["rows"]) != total:
-                        print(f"  WARNING: trained {got['rows']:.0f} of {total} rows")
-        finally:
-            stack.down()
+    with private_stack("train-bench-") as (stack, tmp):
+        table_rows = {}
+        runs = [f"r{i}" for i in range(len(cases))]
+        tables = [t for run in runs for t in run_tables(run)]
+        catalog = tmp / "tables.yaml"
+        catalog.write_text(yaml.safe_dump({"tables": tables}))
+        specs = load_topic_specs()
+        apply_topics({"bootstrap.servers": stack.bootstrap}, specs, prefix=PREFIX)
+        partitions = next(s.partitions for s in specs if s.name == "samples")
+        produce_s = produce(stack.bootstrap, PREFIX + "samples", messages, partitions)
+        print(f"produced {total:,} rows in {produce_s:.1f} s", file=sys.stderr)
+        env = {
+            "PIPELINE_KAFKA_BOOTSTRAP": stack.bootstrap,
+            "PIPELINE_TOPICS_PREFIX": PREFIX,
+            "PIPELINE_REDIS_URL": stack.redis_url,
+            "PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        }
+        with shard_servers(catalog, stack.redis_url, tmp, [t["name"] for t in tables]):
+            for case, run in zip(cases, runs, strict=True):
+                model_path = tmp / f"{run}.yaml"
+                model_path.write_text(yaml.safe_dump(run_model(model, run)))
+                table_rows[case] = pipeline_run(case, run, model_path, catalog, env, args, tmp)
+                got = table_rows[case]
+                print(
+                    f"{case.trainers} trainer(s), cache {case.cache}: "
+                    f"{got['rows/s']:,.0f} rows/s, rows per trainer {got['split']}",
+                    file=sys.stderr,
+                )
+                if int(got["rows"]) != total:
+                    print(f"  WARNING: trained {got['rows']:.0f} of {total} rows")
     # the baseline again, after the pipeline runs: the best of both (a shared machine)
     again = in_process(messages, model, args.batch_rows, args.device)
     print(f"in-process again: {again['rows/s']:,.0f} rows/s", file=sys.stderr)

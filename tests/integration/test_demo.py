@@ -38,12 +38,15 @@ def _binaries() -> None:
         pytest.skip(f"embedded stack unavailable: {exc}")
 
 
-def _demo(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _demo(
+    *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", _RUN, "demo", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -211,3 +214,28 @@ def test_busy_serve_port_fails_clearly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"serve port {port} is in use" in result.stderr
     assert _running_with(str(tmp_path / "s")) == []
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PIPELINE_TANSU_BIN": "/nonexistent/tansu"}, "PIPELINE_TANSU_BIN=/nonexistent/tansu"),
+        ({"PATH": "/nonexistent"}, "redis-server not found on PATH"),
+    ],
+)
+def test_missing_binary_fails_clearly(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    state = tmp_path / "s"
+    result = _demo("--state-dir", str(state), timeout=60, env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _running_with(str(state)) == []
+
+
+def test_unwritable_state_dir_fails_clearly(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made under a file, even by root
+    result = _demo("--state-dir", str(blocker / "state"), timeout=60)
+    assert result.returncode == 1
+    assert f"error: state dir {blocker / 'state'} is not writable" in result.stderr
+    assert "Traceback" not in result.stderr
