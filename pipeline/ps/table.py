@@ -332,6 +332,34 @@ class ShardTable:
             weights[cold_ids[ok]] = batch.weights[ok]
         return found, weights
 
+    def rows_of(self, ids: U64) -> RowBatch:
+        """The stored rows of ``ids`` from either tier (copies, hot first); ids stored in
+        neither are left out. Does not promote: a cost in the ids asked for, not the table.
+        """
+        ids = coerce_ids(ids)
+        slots = self._slots.lookup(ids)
+        hot = slots >= 0
+        s = slots[hot]
+        parts = [
+            RowBatch(
+                ids[hot],
+                self._w[s],
+                self._st[s],
+                self._show[s],
+                self._click[s],
+                self._seen[s],
+                self._admitted[s],
+            )
+        ]
+        cold_ids = ids[~hot]
+        if cold_ids.shape[0] and self._cold is not None:
+            found, rows = self._cold.get(cold_ids)
+            parts.append(self._unpack(cold_ids[found], rows[found]))
+        if len(parts) == 1:
+            return parts[0]
+        fields = RowBatch.__dataclass_fields__
+        return RowBatch(*(np.concatenate([getattr(b, f) for b in parts]) for f in fields))
+
     # ----------------------------------------------------------- maintenance
     def shrink(self, now: int | None = None, chunk_rows: int = 65_536) -> U64:
         """Decay statistics in both tiers and delete expired rows; returns deleted ids (sorted)."""

@@ -284,3 +284,37 @@ def test_constructor_validation() -> None:
         ShardTable(spec, hot_budget_rows=10)
     with pytest.raises(ValueError, match="width"):
         ShardTable(spec, MemoryTier(3))
+
+
+def test_rows_of_reads_both_tiers_by_id_without_promoting() -> None:
+    from pipeline.ps.staging.tracker import serving_rows
+
+    rng = np.random.default_rng(11)
+    table = tiered(make_spec(admit_threshold=2.0), budget=60)
+    for now in range(30):
+        ids, grads, clicks = random_push(rng)
+        table.apply_push(ids, grads, clicks, now=now)
+    cold = table.cold_tier
+    assert cold is not None and cold.count() > 50 and table.hot_rows <= 60
+    rows = {
+        int(i): (b.weights[k], b.opt_state[k], b.show[k], b.admitted[k])
+        for b in table.export_rows()
+        for k, i in enumerate(b.ids)
+    }
+    asked = np.unique(rng.integers(0, 500, 300).astype(np.uint64))  # some never stored
+    hot_before, cold_before = table.hot_rows, cold.count()
+    got = table.rows_of(asked)
+    assert (table.hot_rows, cold.count()) == (hot_before, cold_before)  # nothing promoted
+    assert sorted(got.ids.tolist()) == sorted(set(asked.tolist()) & set(rows))
+    for k, i in enumerate(got.ids.tolist()):
+        w, st, show, admitted = rows[i]
+        np.testing.assert_array_equal(got.weights[k], w)
+        np.testing.assert_array_equal(got.opt_state[k], st)
+        assert got.show[k] == show and got.admitted[k] == admitted
+    # a delta's serving rows by id equal the full scan restricted to the same ids
+    ids, weights = serving_rows(table, asked)
+    all_ids, all_weights = serving_rows(table)
+    keep = np.isin(all_ids, asked)
+    np.testing.assert_array_equal(ids, all_ids[keep])
+    np.testing.assert_array_equal(weights, all_weights[keep])
+    assert 0 < len(ids) < len(got)  # some asked rows are stored but not admitted

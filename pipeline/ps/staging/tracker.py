@@ -44,14 +44,17 @@ _COMPACT_EVERY = 256  # pending arrays merged (np.unique) once this many pile up
 
 def serving_rows(table: ShardTable, only: U64 | None = None) -> tuple[U64, npt.NDArray[np.float32]]:
     """Sorted ``(ids, weights)`` of rows a subscriber serves: admitted and score >=
-    ``serving.min_score``; restricted to ``only`` (sorted unique) when given."""
+    ``serving.min_score``; restricted to ``only`` (sorted unique) when given.
+
+    With ``only`` (a delta) the rows are looked up by id, so the cost follows the
+    changed ids, not the table size; without it (a base) the whole table is read.
+    """
     min_score = np.float32(table.spec.serving.min_score)
+    batches = [table.rows_of(only)] if only is not None else table.export_rows()
     ids_out: list[U64] = []
     w_out: list[npt.NDArray[np.float32]] = []
-    for batch in table.export_rows():
+    for batch in batches:
         keep = batch.admitted & (table.accessor.score(batch.show, batch.click) >= min_score)
-        if only is not None:
-            keep &= np.isin(batch.ids, only, assume_unique=True)
         ids_out.append(batch.ids[keep])
         w_out.append(batch.weights[keep])
     if not ids_out:
