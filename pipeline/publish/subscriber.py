@@ -86,17 +86,43 @@ class VersionRejected(ValueError):
 
 
 def merge_rows(live: Rows, upserts: Rows, deletes: U64) -> Rows:
-    """``live`` with ``upserts`` written over and ``deletes`` removed, sorted by id."""
+    """``live`` with ``upserts`` written over and ``deletes`` removed, sorted by id.
+
+    ``live`` is left as it was (a serving reader may still hold it). Upsert ids are
+    unique; an id both upserted and deleted is upserted. Cost: one copy of the rows
+    plus O(changed x log rows) searches, no sort of the table, so a small delta on a
+    large table stays cheap.
+    """
     ids, weights = live
     up_ids, up_w = upserts
-    drop = np.isin(ids, np.concatenate([up_ids, deletes]))
     dtype = up_w.dtype if len(up_w) else weights.dtype
-    new_ids = np.concatenate([ids[~drop], up_ids])
-    new_w = np.concatenate(
-        [weights[~drop].astype(dtype, copy=False), up_w.astype(dtype, copy=False)]
-    )
-    order = np.argsort(new_ids, kind="stable")
-    return new_ids[order], new_w[order]
+    order = np.argsort(up_ids, kind="stable")
+    up_ids, up_w = up_ids[order], up_w[order].astype(dtype, copy=False)
+    deletes = np.setdiff1d(deletes, up_ids)
+    dpos = np.searchsorted(ids, deletes)
+    gone = dpos[_present(ids, dpos, deletes)]
+    new_ids, new_w = ids, weights
+    if len(gone):
+        keep = np.ones(len(ids), dtype=bool)
+        keep[gone] = False
+        new_ids, new_w = ids[keep], weights[keep]
+    pos = np.searchsorted(new_ids, up_ids)
+    fresh = ~_present(new_ids, pos, up_ids)
+    if fresh.any():
+        new_ids = np.insert(new_ids, pos[fresh], up_ids[fresh])
+        new_w = np.insert(new_w, pos[fresh], up_w[fresh].astype(new_w.dtype), axis=0)
+    new_w = new_w.astype(dtype, copy=False)
+    if new_w is weights:
+        new_w = weights.copy()  # never write into the live version
+    new_w[np.searchsorted(new_ids, up_ids)] = up_w
+    return new_ids, new_w
+
+
+def _present(ids: U64, pos: npt.NDArray[np.intp], query: U64) -> npt.NDArray[np.bool_]:
+    """Which ``query`` ids sit at their ``searchsorted`` position ``pos`` in ``ids``."""
+    if not len(ids):
+        return np.zeros(len(query), dtype=bool)
+    return (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == query)
 
 
 class Subscriber:

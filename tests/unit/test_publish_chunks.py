@@ -118,3 +118,27 @@ def test_merge_rows_matches_a_dict_reference() -> None:
             ref.pop(i, None)
     assert ids.tolist() == sorted(ref)
     np.testing.assert_array_equal(w, np.stack([ref[i] for i in sorted(ref)]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_rows_any_order_overlaps_and_dtypes_and_leaves_live_alone(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ref: dict[int, np.ndarray] = {}
+    ids, w = np.zeros(0, np.uint64), np.zeros((0, 3), np.float32)
+    for step in range(30):
+        up = rng.permutation(np.unique(rng.integers(0, 200, 40).astype(np.uint64)))  # shards
+        dtype = np.float16 if step % 7 == 6 else np.float32
+        up_w = rng.normal(size=(len(up), 3)).astype(dtype)
+        dead = np.unique(rng.integers(0, 260, 12).astype(np.uint64))  # absent or upserted too
+        before_ids, before_w = ids.copy(), w.copy()
+        new_ids, new_w = merge_rows((ids, w), (up, up_w), dead)
+        np.testing.assert_array_equal(ids, before_ids)  # the live version is untouched
+        np.testing.assert_array_equal(w, before_w)
+        for i in np.setdiff1d(dead, up).tolist():
+            ref.pop(i, None)
+        for i, row in zip(up.tolist(), up_w, strict=True):
+            ref[i] = row
+        ref = {i: row.astype(dtype) for i, row in ref.items()}  # the whole table takes dtype
+        assert new_ids.tolist() == sorted(ref) and new_w.dtype == dtype
+        np.testing.assert_array_equal(new_w, np.stack([ref[i] for i in sorted(ref)]).astype(dtype))
+        ids, w = new_ids, new_w
