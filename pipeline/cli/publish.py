@@ -143,7 +143,8 @@ def export(
     """Rebuild VERSION from model.updates and write it as .npy files + manifest.json."""
     from pipeline.publish.export import export_version
 
-    sub = _follow(ModelSpec.from_yaml(model_path), bootstrap, prefix)
+    # an older version may precede the latest base: read the whole retained history
+    sub = _follow(ModelSpec.from_yaml(model_path), bootstrap, prefix, from_latest_base=False)
     deadline = time.monotonic() + timeout_s
     try:
         while sub.live is None or sub.live.version < version:
@@ -162,10 +163,25 @@ def export(
 @click.command()
 @_model_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version")
+@click.option(
+    "--from-beginning",
+    is_flag=True,
+    help="Apply every retained version, not just the latest base and the deltas after it",
+)
 @bootstrap_option
 @prefix_option
-def subscribe(model_path: str, as_json: bool, bootstrap: str | None, prefix: str | None) -> None:
-    """Follow model.updates: apply versions and print each with its freshness."""
+def subscribe(
+    model_path: str,
+    as_json: bool,
+    from_beginning: bool,
+    bootstrap: str | None,
+    prefix: str | None,
+) -> None:
+    """Follow model.updates: apply versions and print each with its freshness.
+
+    Starts at the latest base (the newest manifest's base_offset) unless
+    --from-beginning.
+    """
 
     def show(event: Any, live: Any) -> None:
         if as_json:
@@ -177,7 +193,13 @@ def subscribe(model_path: str, as_json: bool, bootstrap: str | None, prefix: str
             f"rows={event.rows} {event.reason}".rstrip()
         )
 
-    sub = _follow(ModelSpec.from_yaml(model_path), bootstrap, prefix, on_version=show)
+    sub = _follow(
+        ModelSpec.from_yaml(model_path),
+        bootstrap,
+        prefix,
+        on_version=show,
+        from_latest_base=not from_beginning,
+    )
     try:
         sub.run(_stop_on_signals())
     finally:

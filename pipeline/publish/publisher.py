@@ -56,10 +56,11 @@ class PublishedVersion:
     payload_bytes: int
     seconds: float
     checksums: dict[str, list[str]] = field(default_factory=dict)
+    base_offset: int | None = None  # where the base this version builds on starts
 
 
 def state_key(model: str) -> bytes:
-    """Hash of the publisher's progress: next, complete, since_base."""
+    """Hash of the publisher's progress: next, complete, since_base, base_offset."""
     return f"pub:{{{model}}}:state".encode()
 
 
@@ -100,6 +101,7 @@ class Publisher:
         self.lock = RedisLock(client, lock_key(model.name), lock_ttl_ms)
         self.ps = PSClient(client, trainer_id=f"publisher-{model.name}")
         self._delivery_errors: list[str] = []
+        self._delivered_offsets: list[int] = []
 
     # -- the lock ------------------------------------------------------------
     def acquire(self) -> bool:
@@ -147,16 +149,18 @@ class Publisher:
                     f"version {version}: shards failed to stage: "
                     + "; ".join(f"{k}: {a.status} {a.message}" for k, a in sorted(bad.items()))
                 )
-            out = self._produce(request, tables, acks, t0)
+            out = self._produce(request, tables, acks, t0, state.get("base_offset"))
         finally:
             self._cleanup(request, tables)
-        self.redis.hset(
-            state_key(name),
-            mapping={
-                "complete": version,
-                "since_base": 0 if base else state.get("since_base", 0) + 1,
-            },
-        )
+        progress = {
+            "complete": version,
+            "since_base": 0 if base else state.get("since_base", 0) + 1,
+        }
+        if out.base_offset is not None:
+            progress["base_offset"] = out.base_offset
+        else:
+            self.redis.hdel(state_key(name), "base_offset")
+        self.redis.hset(state_key(name), mapping=progress)
         return out
 
     def _stage(self, request: PublishRequest, tables: dict[str, int]) -> dict[str, ShardAck]:
@@ -189,9 +193,11 @@ class Publisher:
         tables: dict[str, int],
         acks: dict[str, ShardAck],
         t0: float,
+        parent_base_offset: int | None,
     ) -> PublishedVersion:
         name, version = request.model, request.version
         kind = "base" if request.parent is None else "delta"
+        self._delivered_offsets = []
         counts: dict[str, int] = {}
         sums: dict[str, list[str]] = {}
         rows: dict[str, int] = {}
@@ -236,6 +242,10 @@ class Publisher:
                 self._chunk(dense_name, index, len(pieces_d), "dense", payload, version)
             )
         self._flush(version)
+        if kind == "base":  # where this base's first chunk landed (chunks are in order)
+            base_offset = min(self._delivered_offsets, default=None)
+        else:
+            base_offset = parent_base_offset
         max_event_time = max((a.max_event_time for a in acks.values()), default=0)
         manifest = {
             "version": version,
@@ -246,6 +256,7 @@ class Publisher:
             "max_event_time": max_event_time,
             "offsets": _merge_offsets(acks.values()),
             "created_ms": self.clock_ms(),
+            "base_offset": base_offset,
         }
         self._hold()  # never let a publisher that lost the lock complete a version
         self._produce_record(message(name, MANIFEST, manifest))
@@ -265,7 +276,17 @@ class Publisher:
             seconds,
         )
         return PublishedVersion(
-            version, request.parent, kind, counts, rows, dead, max_event_time, total, seconds, sums
+            version,
+            request.parent,
+            kind,
+            counts,
+            rows,
+            dead,
+            max_event_time,
+            total,
+            seconds,
+            sums,
+            base_offset,
         )
 
     def _chunk(
@@ -295,6 +316,8 @@ class Publisher:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._delivery_errors.append(str(err))
+        elif msg.offset() is not None and msg.offset() >= 0:
+            self._delivered_offsets.append(int(msg.offset()))
 
     def _flush(self, version: int) -> None:
         remaining = self.producer.flush(60)

@@ -255,20 +255,80 @@ class Subscriber:
         return LiveModel(manifest["version"], manifest, tables, dense, module)
 
     # -- Kafka -----------------------------------------------------------------
-    def attach(self, consumer: Any, topic: str) -> None:
-        """Read ``topic`` (one partition) from its beginning with ``consumer`` (no commits)."""
+    def attach(self, consumer: Any, topic: str, *, from_latest_base: bool = True) -> None:
+        """Read ``topic`` (one partition) with ``consumer`` (no commits).
+
+        With ``from_latest_base`` (the default) reading starts at the first chunk of the
+        base that the newest manifest of this model builds on (its ``base_offset``),
+        so a new subscriber applies one base and the deltas after it instead of the
+        whole retained history. Without it, or when no manifest names a base that is
+        still retained, reading starts at the beginning.
+        """
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        start = self.latest_base_offset(consumer, topic) if from_latest_base else None
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING if start is None else start)])
         self._consumer = consumer
 
+    def latest_base_offset(self, consumer: Any, topic: str, timeout_s: float = 10.0) -> int | None:
+        """``base_offset`` of this model's newest manifest in ``topic``, read backwards in
+        growing windows from the end; None when there is none or it is no longer retained."""
+        from confluent_kafka import TopicPartition
+
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout_s)
+        end, window = high, 64
+        while end > low:
+            begin = max(low, end - window)
+            manifest = self._last_manifest(consumer, topic, begin, end, timeout_s)
+            if manifest is not None:
+                base = manifest.get("base_offset")
+                return int(base) if base is not None and base >= low else None
+            end, window = begin, window * 4
+        return None
+
+    def _last_manifest(
+        self, consumer: Any, topic: str, begin: int, end: int, timeout_s: float
+    ) -> dict[str, Any] | None:
+        """The last manifest of this model among offsets ``[begin, end)``."""
+        from confluent_kafka import TopicPartition
+
+        consumer.assign([TopicPartition(topic, 0, begin)])
+        found: dict[str, Any] | None = None
+        deadline = time.monotonic() + timeout_s
+        last = begin - 1
+        while last < end - 1 and time.monotonic() < deadline:
+            for msg in consumer.consume(256, 0.5):
+                if msg.error() is not None or msg.offset() >= end:
+                    continue
+                last = max(last, msg.offset())
+                head = header_map(msg.headers())
+                if head.get("type") == MANIFEST and head.get("model") == self.model.name.encode():
+                    try:
+                        found = avro.decode(MANIFEST_SCHEMA, msg.value())
+                    except CodecError:
+                        continue
+        consumer.unassign()
+        return found
+
     @classmethod
-    def connect(cls, settings: Any, topic: str, model: ModelSpec, **kwargs: Any) -> Subscriber:
+    def connect(
+        cls,
+        settings: Any,
+        topic: str,
+        model: ModelSpec,
+        *,
+        from_latest_base: bool = True,
+        **kwargs: Any,
+    ) -> Subscriber:
         """A subscriber with its own consumer (``settings``: KafkaSettings) reading ``topic``."""
         from pipeline.kafka import consumer
 
         sub = cls(model, **kwargs)
-        sub.attach(consumer(settings, f"subscriber-{uuid.uuid4().hex[:8]}"), topic)
+        sub.attach(
+            consumer(settings, f"subscriber-{uuid.uuid4().hex[:8]}"),
+            topic,
+            from_latest_base=from_latest_base,
+        )
         return sub
 
     def poll(self, timeout_s: float = 1.0, max_messages: int = 256) -> list[VersionEvent]:

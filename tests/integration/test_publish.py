@@ -170,6 +170,7 @@ def test_late_subscriber_rebuilds_every_version_bit_identical(
         KafkaSettings(bootstrap=kafka_bootstrap),
         topic,
         model,
+        from_latest_base=False,  # every version, from the topic's beginning
         on_version=lambda e, live: seen.append((e.version, live)) if live else None,
     )
     try:
@@ -208,6 +209,29 @@ def test_late_subscriber_rebuilds_every_version_bit_identical(
     bad.write_bytes(bad.read_bytes()[:-1] + b"\x00")
     with pytest.raises(ValueError, match="checksum"):
         load_export(out)
+
+
+def test_new_subscriber_starts_at_the_latest_base(
+    redis_url: str, kafka_bootstrap: str, project_topics: dict[str, str], unique: str
+) -> None:
+    topic = project_topics["model.updates"]
+    model, published, expected, dense = _scenario(redis_url, kafka_bootstrap, topic, unique)
+    # every manifest names where its base starts: a base its own first chunk (the topic
+    # is this test's own, so v1 starts at 0), a delta its base's
+    offsets = [p.base_offset for p in published]
+    assert offsets[0] == 0 and offsets[1] == offsets[2] == 0
+    assert offsets[3] is not None and offsets[3] > 0
+    msgs = _messages(kafka_bootstrap, topic, 4)
+    assert _version_of(msgs[offsets[3]]) == 4 and _version_of(msgs[offsets[3] - 1]) == 3
+    settings = KafkaSettings(bootstrap=kafka_bootstrap)
+    sub = Subscriber.connect(settings, topic, model)  # from the latest base by default
+    try:
+        _poll_until(sub, 4)
+    finally:
+        sub.close()
+    assert [(e.version, e.kind, e.status) for e in sub.events] == [(4, "base", "applied")]
+    assert sub.live is not None
+    _assert_same(sub.live, expected[-1], dense[-1])
 
 
 def _messages(kafka_bootstrap: str, topic: str, count_manifests: int) -> list[Any]:

@@ -75,6 +75,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "max_event_time": 1_700_000_000_000,
         "offsets": [{"topic": "samples", "partition": 0, "offset": 99}],
         "created_ms": 1_700_000_000_500,
+        "base_offset": 7,
     },
     "Metric": {
         "name": "auc",
