@@ -276,7 +276,7 @@ class Subscriber:
         from confluent_kafka import TopicPartition
 
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout_s)
-        end, window = high, 64
+        end, window = high, 16  # the newest message is usually a manifest
         while end > low:
             begin = max(low, end - window)
             manifest = self._last_manifest(consumer, topic, begin, end, timeout_s)

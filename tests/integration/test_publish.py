@@ -224,6 +224,11 @@ def test_new_subscriber_starts_at_the_latest_base(
     msgs = _messages(kafka_bootstrap, topic, 4)
     assert _version_of(msgs[offsets[3]]) == 4 and _version_of(msgs[offsets[3] - 1]) == 3
     settings = KafkaSettings(bootstrap=kafka_bootstrap)
+    # another model's traffic after ours: the backward search must widen past it
+    prod = producer(settings)
+    for _ in range(40):
+        prod.produce(topic, b"x", headers=[("type", b"chunk"), ("model", b"other")])
+    assert prod.flush(10) == 0
     sub = Subscriber.connect(settings, topic, model)  # from the latest base by default
     try:
         _poll_until(sub, 4)
