@@ -7,7 +7,8 @@ the tables with ``--rows`` rows (dim 16 deep + dim 1 wide), then measures in ONE
 - the baseline of the same run: producing the same number of payload bytes to the
   same topic as plain 1 MB messages (what any publisher must at least pay), so the
   ratio says what staging + chunking + checksums add;
-- the subscriber's read + verify + apply rate for both versions;
+- the subscriber's read + verify + apply rate for both versions, against a raw consume
+  of the same messages (what any reader must at least pay);
 - freshness at a ``--interval`` publish interval (default 1 s) for ``--seconds``:
   a pusher writes updates stamped with the current time, the publisher publishes
   every interval, a subscriber records apply time - newest event time per version;
@@ -71,6 +72,23 @@ def _raw_produce(bootstrap: str, topic: str, nbytes: int) -> float:
     return time.perf_counter() - began
 
 
+def _raw_consume(bootstrap: str, topic: str) -> tuple[float, int]:
+    """Seconds to read ``topic`` partition 0 from its beginning to its end, and the bytes."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw", "enable.auto.commit": False})
+    _, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    began, last, nbytes = time.perf_counter(), -1, 0
+    while last < high - 1:
+        for msg in c.consume(256, 1.0):
+            if msg.error() is None:
+                last, nbytes = msg.offset(), nbytes + len(msg.value() or b"")
+    seconds = time.perf_counter() - began
+    c.close()
+    return seconds, nbytes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -110,6 +128,7 @@ def main() -> int:
         _fill(ps, ids[: args.delta_rows])
         delta = pub.publish()
         raw_s = _raw_produce(stack.bootstrap, "b.metrics", base.payload_bytes)
+        read_s, read_bytes = _raw_consume(stack.bootstrap, topic)
         snap_dir = work / "snapshots"
         coordinator = SnapshotCoordinator(
             client, snap_dir, tables=["wide", "deep"], dense=[model.dense_table_name()]
@@ -181,6 +200,12 @@ def main() -> int:
                 f"{snap_s / raw_s:.2f}",
             ],
             [
+                f"raw consume of model.updates ({read_bytes / 1e6:.0f} MB, from the start)",
+                "-",
+                f"{read_s:.2f}",
+                f"{read_s / raw_s:.2f}",
+            ],
+            [
                 "subscriber read + apply (base + delta)",
                 f"{rows_applied:,}",
                 f"{apply_s:.2f}",
@@ -192,7 +217,10 @@ def main() -> int:
             ["step", "rows", "seconds", "x raw produce"],
             rows,
         )
-        print(f"  subscriber apply rate: {rows_applied / apply_s:,.0f} rows/s")
+        print(
+            f"  subscriber apply rate: {rows_applied / apply_s:,.0f} rows/s; "
+            f"{apply_s / read_s:.1f}x a raw consume of the same messages"
+        )
         print(f"  snapshot: {snap_mb:.0f} MB on disk")
         if fresh:
             p50, p99 = np.percentile(fresh, [50, 99])
