@@ -396,6 +396,7 @@ def _run(
             None if fresh is None else fresh / 1000,
             lags["train"].messages(),
             lags["join"].messages() if "join" in lags else None,
+            _window_auc(sink),
         )
         timeline.add(item)
         echo(format_tick(item))
@@ -558,6 +559,19 @@ def _start_feed(
         start_ms=now,
     )
     return feed, exact_auc(log.labels(), log.true_p)
+
+
+def _window_auc(sink: Any) -> float | None:
+    """Global AUC of the newest metrics window every trainer has moved past (the newest
+    one may still be filling), or None before two windows exist."""
+    starts = sink.windows(2)
+    if len(starts) < 2:
+        return None
+    counts, _ = sink.global_window(starts[1])
+    if not counts.summary()["samples"]:
+        return None
+    auc = float(counts.auc())
+    return auc if auc == auc else None
 
 
 def _joiner_counters(log_path: Path) -> dict[str, int] | None:

@@ -35,6 +35,7 @@ class Tick:
     freshness_s: float | None
     lag: int | None = None  # messages the trainer group has not committed
     join_lag: int | None = None  # event messages the joiner has not committed
+    window_auc: float | None = None  # global AUC of the last closed metrics window
 
 
 @dataclass
@@ -54,6 +55,8 @@ def _finite(x: float | None) -> float | None:
 def format_tick(tick: Tick) -> str:
     """One terminal progress line."""
     auc = f"{tick.auc:.4f}" if tick.auc is not None else "  -   "
+    if tick.window_auc is not None:
+        auc += f" (window {tick.window_auc:.3f})"
     version = str(tick.model_version) if tick.model_version is not None else "-"
     fresh = f"{tick.freshness_s:.1f}s" if tick.freshness_s is not None else "-"
     lag = "-" if tick.lag is None else str(tick.lag)
@@ -81,9 +84,11 @@ def summarize(
     fresh = [t.freshness_s for t in timeline.ticks if t.freshness_s is not None]
     rates = [t.samples_per_s for t in timeline.ticks if t.samples_per_s > 0]
     lags = [t.lag for t in timeline.ticks if t.lag is not None]
+    windows = [t.window_auc for t in timeline.ticks if t.window_auc is not None]
     return {
         "rows_trained": trained,
         "final_auc": _finite(auc),
+        "last_window_auc": _finite(windows[-1]) if windows else None,
         "bayes_auc": _finite(bayes_auc),
         "baseline_auc": BASELINE_AUC,
         "elapsed_s": round(elapsed_s, 2),
@@ -109,7 +114,8 @@ def summary_text(summary: dict[str, Any]) -> str:
         [
             f"rows trained      {summary['rows_trained']}",
             f"global AUC        {num('final_auc')}  (Bayes {num('bayes_auc')}, "
-            f"constant baseline {summary['baseline_auc']:.1f})",
+            f"constant baseline {summary['baseline_auc']:.1f}); "
+            f"last window {num('last_window_auc')}",
             f"throughput        {num('throughput_mean', '{:.0f}')} samples/s mean, "
             f"{num('throughput_peak', '{:.0f}')} peak",
             f"freshness         p50 {num('freshness_p50_s', '{:.1f}')} s, "
@@ -178,7 +184,10 @@ def write_report(
     out.write_text(json.dumps(report, indent=2))
     xs = [t.t for t in ticks]
     bayes = summary.get("bayes_auc")
-    auc_series: dict[str, list[float | None]] = {"global AUC": [t.auc for t in ticks]}
+    auc_series: dict[str, list[float | None]] = {
+        "global AUC (cumulative)": [t.auc for t in ticks],
+        "global AUC (last window)": [t.window_auc for t in ticks],
+    }
     if bayes is not None:
         auc_series["Bayes AUC"] = [bayes] * len(ticks)
     auc_series["constant baseline"] = [BASELINE_AUC] * len(ticks)

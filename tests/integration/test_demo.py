@@ -97,6 +97,7 @@ def test_demo_trains_publishes_serves_reports_and_leaves_nothing_running(tmp_pat
     assert sorted(summary["trainers"]) == ["t0", "t1"]
     assert len(report["timeline"]) >= 10
     assert summary["lag_max_messages"] is not None
+    assert summary["last_window_auc"] is not None  # 10 s windows closed by both trainers
     assert all(t["lag"] is not None and t["join_lag"] is not None for t in report["timeline"])
     for name in ("auc.png", "throughput.png", "freshness.png", "lag.png"):
         assert (state / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
