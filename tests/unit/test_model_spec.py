@@ -170,3 +170,17 @@ def test_deploy_models_match_catalog_and_criteo(file: str, kind: str) -> None:
     assert spec.slots == CRITEO_SLOTS and spec.dense_dim == 13
     spec.check(load_catalog(), SlotConfig(CRITEO_SLOTS, 13))
     assert set(spec.tables()) == ({"wide"} if kind == "lr" else {"wide", "deep"})
+
+
+def test_events_model_matches_catalog_and_the_joined_generator_events() -> None:
+    from pipeline.ingest.generator import SLOTS, TrafficGenerator
+    from pipeline.joiner.settings import JoinerSettings
+
+    spec = ModelSpec.from_yaml(MODELS_DIR / "events_deepfm.yaml")
+    assert spec.kind == "deepfm" and spec.slots == SLOTS and spec.dense_dim == 0
+    # the layout the joiner emits with these slots, and the generator's sample layout
+    joined = JoinerSettings(slots=",".join(SLOTS)).slot_config()
+    assert joined == TrafficGenerator().slot_config
+    spec.check(load_catalog(), joined)
+    wide = next(t for t in load_catalog() if t.name == "wide")
+    assert spec.linear_lr == wide.optimizer.lr  # as the comment in the spec says
