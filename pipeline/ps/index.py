@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.arrayops import unique
 from pipeline.ps.initializers import splitmix64
 
 __all__ = ["HashIndex", "SlotMap", "grow_rows"]
@@ -151,7 +152,7 @@ class HashIndex:
 
     def delete(self, ids: U64) -> int:
         """Remove ids (missing ones are ignored); returns how many were removed."""
-        buckets = np.unique(self._find(np.asarray(ids, dtype=np.uint64)))
+        buckets = unique(self._find(np.asarray(ids, dtype=np.uint64)))
         buckets = buckets[buckets >= 0]
         self._state[buckets] = _TOMB
         self._size -= buckets.shape[0]

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from pipeline.arrayops import unique
 from pipeline.codec.samplebatch import SampleBatch
 from pipeline.errors import PipelineError
 from pipeline.model.features import SparseInput, batch_ids
@@ -90,6 +91,6 @@ class Inferencer:
         if slot not in self.spec.slots:
             raise PipelineError(f"slot {slot!r} is not one of the model's slots")
         parts = [batch.slot_ids(slot)[1] for batch in batches]
-        ids = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        ids = unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
         weights, found = self.backend.pull(table, ids)
         return Embeddings(slot, table, ids[found], weights[found])

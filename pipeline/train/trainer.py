@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from pipeline.arrayops import unique as distinct
 from pipeline.errors import PipelineError
 from pipeline.model.features import BatchIds, SparseInput, batch_ids
 from pipeline.model.modules import CTRModel, build_model, set_output_bias
@@ -330,7 +331,7 @@ class Trainer:
             batch_ids(it.batch, self.spec.slots) if it.batch is not None else None for it in items
         ]
         parts = [b.unique for b in ids if b is not None]
-        unique = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        unique = distinct(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
         self.result.passes += 1
         return _Pass(self.result.passes, items, ids, unique)
 

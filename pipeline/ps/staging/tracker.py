@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.arrayops import unique
 from pipeline.ps.keys import ShardKeys
 from pipeline.ps.staging.chunks import split_ids, split_rows
 from pipeline.ps.staging.requests import (
@@ -74,7 +75,7 @@ class _ModelLog:
         if len(ids):
             self.pending.append(ids)
             if len(self.pending) >= _COMPACT_EVERY:
-                self.pending = [np.unique(np.concatenate(self.pending))]
+                self.pending = [unique(np.concatenate(self.pending))]
 
     def cut(self, version: int) -> None:
         self.segments[version] = _union(self.pending)
@@ -92,7 +93,7 @@ class _ModelLog:
 
 
 def _union(parts: list[U64]) -> U64:
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+    return unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
 
 class PublishTracker:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.arrayops import unique
 from pipeline.ps.index import SlotMap, grow_rows
 from pipeline.ps.tiers.base import F32, U64, ColdTier, RowChunk
 
@@ -61,7 +62,7 @@ class MemoryTier(ColdTier):
 
     def delete(self, ids: U64) -> None:
         self._check_open()
-        slots = self._slots.lookup(np.unique(self._check_ids(ids)))
+        slots = self._slots.lookup(unique(self._check_ids(ids)))
         self._slots.release(slots[slots >= 0])
 
     def count(self) -> int:

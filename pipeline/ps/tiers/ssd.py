@@ -35,6 +35,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from pipeline.arrayops import unique
 from pipeline.ps.tiers.base import F32, U64, ColdTier, RowChunk
 
 __all__ = ["DEFAULT_BLOCK_CACHE_BYTES", "SsdTier"]
@@ -169,7 +170,7 @@ class SsdTier(ColdTier):
 
     def delete(self, ids: U64) -> None:
         self._check_open()
-        keys = self._keys(np.unique(self._check_ids(ids)))
+        keys = self._keys(unique(self._check_ids(ids)))
         present = [k for k, ok in zip(keys, self._exists(keys), strict=True) if ok]
         if present:
             self._delete_keys(present)
@@ -178,7 +179,7 @@ class SsdTier(ColdTier):
         # One multi-get serves both the rows and the existence check of the delete.
         found, rows = self.get(ids)
         if found.any():
-            self._delete_keys(self._keys(np.unique(np.asarray(ids)[found])))
+            self._delete_keys(self._keys(unique(np.asarray(ids)[found])))
         return found, rows
 
     def count(self) -> int:
