@@ -98,7 +98,7 @@ def merge_rows(live: Rows, upserts: Rows, deletes: U64) -> Rows:
     dtype = up_w.dtype if len(up_w) else weights.dtype
     order = np.argsort(up_ids, kind="stable")
     up_ids, up_w = up_ids[order], up_w[order].astype(dtype, copy=False)
-    deletes = np.setdiff1d(deletes, up_ids)
+    deletes = deletes[~_present(up_ids, np.searchsorted(up_ids, deletes), deletes)]
     dpos = np.searchsorted(ids, deletes)
     gone = dpos[_present(ids, dpos, deletes)]
     new_ids, new_w = ids, weights
