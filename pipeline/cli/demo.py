@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.demo import DemoSettings, run_demo
+from pipeline.demo import DemoError, DemoSettings, run_demo
 
 __all__ = ["demo"]
 
@@ -29,18 +29,16 @@ __all__ = ["demo"]
 @click.option(
     "--source",
     type=click.Choice(["events", "samples"]),
-    default="events",
-    show_default=True,
+    default=None,
     help="Synthetic data as impressions + clicks joined by `pipeline join`, or as labelled "
-    "sample batches straight to the trainers",
+    "sample batches straight to the trainers [events]",
 )
 @click.option(
     "--window",
     "window_s",
     type=float,
-    default=5.0,
-    show_default=True,
-    help="Attribution window of the joiner in seconds (events source)",
+    default=None,
+    help="Attribution window of the joiner in seconds (events source) [5]",
 )
 @click.option("--shards", type=int, default=2, show_default=True, help="Shard servers")
 @click.option("--trainers", type=int, default=2, show_default=True, help="Trainer processes")
@@ -94,8 +92,8 @@ def demo(
     shards: int,
     trainers: int,
     model_kind: str,
-    source: str,
-    window_s: float,
+    source: str | None,
+    window_s: float | None,
     dataset: Path | None,
     dataset_format: str | None,
     state_dir: Path,
@@ -114,6 +112,13 @@ def demo(
     summary and writes <state-dir>/report (report.json, auc/throughput/freshness/lag PNGs).
     See docs/demo.md.
     """
+    if dataset is not None and (source is not None or window_s is not None):
+        raise DemoError(
+            "--source and --window choose the synthetic data; a --dataset is replayed as "
+            "labelled samples (no joiner): leave them out"
+        )
+    if source == "samples" and window_s is not None:
+        raise DemoError("--window is the joiner's attribution window: it needs --source events")
     settings = DemoSettings(
         state_dir=state_dir,
         duration_s=duration,
@@ -121,8 +126,8 @@ def demo(
         shards=shards,
         trainers=trainers,
         model_kind=model_kind,
-        source=source,
-        window_s=window_s,
+        source=source or "events",
+        window_s=5.0 if window_s is None else window_s,
         dataset=dataset,
         dataset_format=dataset_format,
         bootstrap=bootstrap,

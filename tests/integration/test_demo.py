@@ -204,6 +204,24 @@ def test_unknown_format_fails_clearly(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "x.tsv", "--source", "samples"], "a --dataset is replayed as labelled"),
+        (["--dataset", "x.tsv", "--window", "3"], "a --dataset is replayed as labelled"),
+        (["--source", "samples", "--window", "3"], "--window is the joiner's"),
+    ],
+)
+def test_options_that_do_not_go_together_fail_clearly(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    state = tmp_path / "s"
+    result = _demo(*args, "--state-dir", str(state), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert not state.exists()  # nothing started, nothing written
+
+
 def test_busy_serve_port_fails_clearly(tmp_path: Path) -> None:
     import socket
 
