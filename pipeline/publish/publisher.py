@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.model.spec import ModelSpec
+from pipeline.periodic import run_every
 from pipeline.ps.client import PSClient
 from pipeline.ps.dense import pack_tensors, pull_dense
 from pipeline.ps.staging.chunks import checksum, split_bytes
@@ -349,15 +350,7 @@ class Publisher:
     ) -> None:
         """Publish every ``interval_s`` until ``stop``; a failed version is logged and retried."""
         try:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    out = self.publish()
-                    if on_version is not None:
-                        on_version(out)
-                except PublishError as exc:
-                    log.error("%s", exc)
-                stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+            run_every(stop, interval_s, self.publish, on_version, PublishError, log)
         finally:
             self.release()
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.periodic import run_every
 from pipeline.ps.client import PSClient
 from pipeline.ps.dense import pack_tensors, pull_dense
 from pipeline.redislock import RedisLock
@@ -357,15 +358,7 @@ class SnapshotCoordinator:
     ) -> None:
         """Snapshot every ``interval_s`` until ``stop``; a failed cut is logged and retried."""
         try:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    out = self.take()
-                    if on_snapshot is not None:
-                        on_snapshot(out)
-                except SnapshotError as exc:
-                    log.error("%s", exc)
-                stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+            run_every(stop, interval_s, self.take, on_snapshot, SnapshotError, log)
         finally:
             self.release()
 
