@@ -339,18 +339,7 @@ class ShardTable:
         ids = coerce_ids(ids)
         slots = self._slots.lookup(ids)
         hot = slots >= 0
-        s = slots[hot]
-        parts = [
-            RowBatch(
-                ids[hot],
-                self._w[s],
-                self._st[s],
-                self._show[s],
-                self._click[s],
-                self._seen[s],
-                self._admitted[s],
-            )
-        ]
+        parts = [self._hot_rows(slots[hot])]
         cold_ids = ids[~hot]
         if cold_ids.shape[0] and self._cold is not None:
             found, rows = self._cold.get(cold_ids)
@@ -387,16 +376,7 @@ class ShardTable:
         """Every row of both tiers, hot first, in chunks (copies). Do not push meanwhile."""
         live = self._slots.live_slots()
         for start in range(0, live.shape[0], chunk_rows):
-            s = live[start : start + chunk_rows]
-            yield RowBatch(
-                self._slots.ids[s],
-                self._w[s],
-                self._st[s],
-                self._show[s],
-                self._click[s],
-                self._seen[s],
-                self._admitted[s],
-            )
+            yield self._hot_rows(live[start : start + chunk_rows])
         if self._cold is not None:
             for ids, rows in self._cold.iter_chunks(chunk_rows):
                 yield self._unpack(ids, rows)
@@ -429,6 +409,18 @@ class ShardTable:
         self._w[slots], self._st[slots] = batch.weights, batch.opt_state
         self._show[slots], self._click[slots] = batch.show, batch.click
         self._seen[slots], self._admitted[slots] = batch.last_seen, batch.admitted
+
+    def _hot_rows(self, slots: npt.NDArray[np.int64]) -> RowBatch:
+        """The hot rows at ``slots`` as a RowBatch (copies)."""
+        return RowBatch(
+            self._slots.ids[slots],
+            self._w[slots],
+            self._st[slots],
+            self._show[slots],
+            self._click[slots],
+            self._seen[slots],
+            self._admitted[slots],
+        )
 
     def _pack(self, slots: npt.NDArray[np.int64]) -> F32:
         d, c = self.dim, self.dim + self.state_width
