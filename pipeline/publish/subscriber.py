@@ -273,9 +273,9 @@ class Subscriber:
     def latest_base_offset(self, consumer: Any, topic: str, timeout_s: float = 10.0) -> int | None:
         """``base_offset`` of this model's newest manifest in ``topic``, read backwards in
         growing windows from the end; None when there is none or it is no longer retained."""
-        from confluent_kafka import TopicPartition
+        from pipeline.ingest.timeseek import watermarks  # the end verified by a fetch
 
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout_s)
+        low, high = watermarks(consumer, topic, 0, timeout_s)
         end, window = high, 16  # the newest message is usually a manifest
         while end > low:
             begin = max(low, end - window)
