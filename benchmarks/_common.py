@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,30 +20,34 @@ def private_redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def private_stack(prefix: str = "bench-") -> Iterator[tuple[Any, Path]]:
+def private_stack(prefix: str = "bench-", keep: bool = False) -> Iterator[tuple[Any, Path]]:
     """The embedded broker + redis-server on free ports in a temporary dir.
 
-    Yields the running ``EmbeddedStack`` and the dir (for specs and scratch files);
-    both are stopped and removed on exit.
+    Yields the running ``EmbeddedStack`` and the dir (for specs, logs and scratch
+    files). The stack is stopped on exit; the dir is removed unless ``keep`` (for
+    logs an error message points to).
     """
     from pipeline.config import StackSettings
     from pipeline.stack import EmbeddedStack, free_port
 
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        work = Path(tmp)
-        stack = EmbeddedStack(
-            StackSettings(
-                state_dir=work / "stack",
-                broker_port=free_port(),
-                redis_port=free_port(),
-                start_timeout_s=30,
-            )
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = EmbeddedStack(
+        StackSettings(
+            state_dir=work / "stack",
+            broker_port=free_port(),
+            redis_port=free_port(),
+            start_timeout_s=30,
         )
+    )
+    try:
         stack.up()
         try:
             yield stack, work
         finally:
             stack.down()
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def rss_mb() -> float:

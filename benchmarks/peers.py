@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import print_table, private_stack
 
 from pipeline.codec.samplebatch import SampleBatch, concat
 from pipeline.errors import PipelineError
@@ -339,127 +339,116 @@ def run_pipeline(stream: Stream, trainers: int) -> Result:
     import json
     import signal
     import subprocess
-    import tempfile
 
     import redis
     import yaml
     from confluent_kafka import Producer
 
     from pipeline.codec.samplebatch import encode_batch
-    from pipeline.config import StackSettings
-    from pipeline.stack import EmbeddedStack, free_port
     from pipeline.topics import apply_topics, load_topic_specs
     from pipeline.train.defaults import default_model, default_tables
     from pipeline.train.metrics_sink import RedisMetricsSink
 
-    work = Path(tempfile.mkdtemp(prefix="peers-pipeline-"))
-    stack = EmbeddedStack(
-        StackSettings(
-            state_dir=work / "stack",
-            broker_port=free_port(),
-            redis_port=free_port(),
-            start_timeout_s=30,
-        )
-    )
-    stack.up()
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        layout = stream.batches[0].config
-        prefix = f"p{trainers}_"
-        tables = default_tables(layout, prefix)
-        spec = default_model(layout, "deepfm", prefix)
-        catalog, model = work / "tables.yaml", work / "model.yaml"
-        catalog.write_text(yaml.safe_dump({"tables": [t.to_dict() for t in tables]}))
-        model.write_text(yaml.safe_dump(spec.to_dict()))
-        topic = "peers.samples"
-        # every declared topic (samples has 6 partitions; only 0..trainers-1 get rows)
-        apply_topics({"bootstrap.servers": stack.bootstrap}, load_topic_specs(), prefix="peers.")
-        producer = Producer({"bootstrap.servers": stack.bootstrap, "linger.ms": 5})
-        for i, item in enumerate(_train_batches(stream, BEST_BATCH_ROWS)):
-            producer.produce(topic, encode_batch(item.batch), partition=i % trainers)
-        producer.flush(60)
+    with private_stack("peers-pipeline-", keep=True) as (stack, work):
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            layout = stream.batches[0].config
+            prefix = f"p{trainers}_"
+            tables = default_tables(layout, prefix)
+            spec = default_model(layout, "deepfm", prefix)
+            catalog, model = work / "tables.yaml", work / "model.yaml"
+            catalog.write_text(yaml.safe_dump({"tables": [t.to_dict() for t in tables]}))
+            model.write_text(yaml.safe_dump(spec.to_dict()))
+            topic = "peers.samples"
+            # every declared topic (samples has 6 partitions; only 0..trainers-1 get rows)
+            apply_topics(
+                {"bootstrap.servers": stack.bootstrap}, load_topic_specs(), prefix="peers."
+            )
+            producer = Producer({"bootstrap.servers": stack.bootstrap, "linger.ms": 5})
+            for i, item in enumerate(_train_batches(stream, BEST_BATCH_ROWS)):
+                producer.produce(topic, encode_batch(item.batch), partition=i % trainers)
+            producer.flush(60)
 
-        def cli(*args: str, log: str) -> subprocess.Popen[str]:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", *args],
-                stdout=subprocess.PIPE,
-                stderr=(work / log).open("w"),
-                text=True,
-                start_new_session=True,
-            )
-            procs.append(p)
-            return p
+            def cli(*args: str, log: str) -> subprocess.Popen[str]:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.cli", *args],
+                    stdout=subprocess.PIPE,
+                    stderr=(work / log).open("w"),
+                    text=True,
+                    start_new_session=True,
+                )
+                procs.append(p)
+                return p
 
-        url = stack.redis_url
-        for shard in range(2):
-            cli(
-                "ps",
-                "--shard",
-                str(shard),
-                "--shards",
-                "2",
-                "--tables",
-                str(catalog),
-                "--redis-url",
-                url,
-                log=f"ps{shard}.log",
-            )
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 60
-        while not client.exists(f"ps:table:{{{prefix}deep}}".encode()):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"shard servers did not start; see {work}")
-            time.sleep(0.2)
-        runners = [
-            cli(
-                "train",
-                "--config",
-                str(model),
-                "--tables",
-                str(catalog),
-                "--job",
-                "peers",
-                "--trainer-id",
-                f"t{n}",
-                "--mode",
-                "sync",
-                "--batch-rows",
-                str(BEST_BATCH_ROWS),
-                "--json",
-                "--predictions-out",
-                str(work / f"t{n}.npz"),
-                "--bootstrap",
-                stack.bootstrap,
-                "--redis-url",
-                url,
-                "--prefix",
-                "peers.",
-                log=f"t{n}.log",
-            )
-            for n in range(trainers)
-        ]
-        sink = RedisMetricsSink(client, "peers")
-        deadline = time.monotonic() + 600
-        while sink.global_cumulative()[0].summary()["samples"] < stream.rows:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in runners):
-                raise RuntimeError(f"trainers did not finish; see {work}")
-            time.sleep(0.5)
-        for p in runners:
-            p.send_signal(signal.SIGTERM)
-        summaries = [
-            json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in runners
-        ]
-        first = min(s["first_row_at"] for s in summaries if s["rows"])
-        last = max(s["last_row_at"] for s in summaries if s["rows"])
-        preds = [np.load(work / f"t{n}.npz") for n in range(trainers)]
-        p_all = np.concatenate([d["predictions"] for d in preds]).astype(np.float64)
-        y_all = np.concatenate([d["labels"] for d in preds])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(30)
-        stack.down()
+            url = stack.redis_url
+            for shard in range(2):
+                cli(
+                    "ps",
+                    "--shard",
+                    str(shard),
+                    "--shards",
+                    "2",
+                    "--tables",
+                    str(catalog),
+                    "--redis-url",
+                    url,
+                    log=f"ps{shard}.log",
+                )
+            client = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 60
+            while not client.exists(f"ps:table:{{{prefix}deep}}".encode()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"shard servers did not start; see {work}")
+                time.sleep(0.2)
+            runners = [
+                cli(
+                    "train",
+                    "--config",
+                    str(model),
+                    "--tables",
+                    str(catalog),
+                    "--job",
+                    "peers",
+                    "--trainer-id",
+                    f"t{n}",
+                    "--mode",
+                    "sync",
+                    "--batch-rows",
+                    str(BEST_BATCH_ROWS),
+                    "--json",
+                    "--predictions-out",
+                    str(work / f"t{n}.npz"),
+                    "--bootstrap",
+                    stack.bootstrap,
+                    "--redis-url",
+                    url,
+                    "--prefix",
+                    "peers.",
+                    log=f"t{n}.log",
+                )
+                for n in range(trainers)
+            ]
+            sink = RedisMetricsSink(client, "peers")
+            deadline = time.monotonic() + 600
+            while sink.global_cumulative()[0].summary()["samples"] < stream.rows:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in runners):
+                    raise RuntimeError(f"trainers did not finish; see {work}")
+                time.sleep(0.5)
+            for p in runners:
+                p.send_signal(signal.SIGTERM)
+            summaries = [
+                json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in runners
+            ]
+            first = min(s["first_row_at"] for s in summaries if s["rows"])
+            last = max(s["last_row_at"] for s in summaries if s["rows"])
+            preds = [np.load(work / f"t{n}.npz") for n in range(trainers)]
+            p_all = np.concatenate([d["predictions"] for d in preds]).astype(np.float64)
+            y_all = np.concatenate([d["labels"] for d in preds])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(30)
     config = f"deepfm, {BEST_BATCH_ROWS} rows, sync, Kafka + 2 PS processes"
     # labels in the trainers' own order: the report scores these pairs
     return Result("pipeline", f"{trainers} trainer(s): {config}", p_all, last - first, labels=y_all)
