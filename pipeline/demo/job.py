@@ -409,7 +409,7 @@ def _run(
         if feed.error:
             raise DemoError(feed.error)
 
-    interrupted = False
+    stopped_by = "duration"  # or "data" (all of a shorter dataset trained), "interrupt"
     try:
         trained = 0
         while time.monotonic() - t0 < settings.duration_s:
@@ -417,7 +417,8 @@ def _run(
             trained = tick()
             check()
             if not feed.is_alive() and trained >= feed.expected_samples:
-                break  # a dataset shorter than rate x duration: done early
+                stopped_by = "data"  # a dataset shorter than rate x duration: done early
+                break
         # the generator's last clicks come up to 0.9 windows after its last impression
         while (
             feed.is_alive() and time.monotonic() - t0 < settings.duration_s + 2 * settings.window_s
@@ -426,7 +427,7 @@ def _run(
             tick()
             check()
     except _Interrupted:
-        interrupted = True
+        stopped_by = "interrupt"
         echo("interrupted: stopping cleanly (Ctrl-C again is ignored until done)")
     except BaseException:
         feed.stop()
@@ -491,7 +492,8 @@ def _run(
         snapshot=str(snapshots / snaps[-1]) if snaps and snap_ok else None,
     )
     summary["trainers"] = members
-    summary["interrupted"] = interrupted
+    summary["stopped_by"] = stopped_by
+    summary["interrupted"] = stopped_by == "interrupt"
     summary["samples_expected"] = produced
     if isinstance(feed, EventFeed):
         summary["events"] = {"impressions": feed.impressions, "clicks": feed.clicks}
