@@ -28,13 +28,20 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    """Broker + Redis for the whole session (skips when a binary is missing)."""
+def stack_binaries() -> None:
+    """Skips (with the reason) when the broker or redis-server binary is missing."""
     try:
         find_broker_binary()
         find_redis_binary()
     except StackError as exc:
         pytest.skip(f"embedded stack unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def stack(
+    stack_binaries: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
+    """Broker + Redis for the whole session (skips when a binary is missing)."""
     settings = StackSettings(
         state_dir=tmp_path_factory.mktemp("stack"),
         broker_port=free_port(),

@@ -18,24 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stack import StackError, find_broker_binary, find_redis_binary
-
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("stack_binaries"),
+]
 
 # registers `demo` when cli/main.py does not (yet), then runs the `pipeline` group
 _RUN = (
     "import sys; from pipeline.cli.main import cli; from pipeline.cli.demo import demo; "
     "cli.commands.setdefault('demo', demo); sys.exit(cli.main(prog_name='pipeline'))"
 )
-
-
-@pytest.fixture(autouse=True)
-def _binaries() -> None:
-    try:
-        find_broker_binary()
-        find_redis_binary()
-    except StackError as exc:
-        pytest.skip(f"embedded stack unavailable: {exc}")
 
 
 def _demo(

@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stack import find_broker_binary, find_redis_binary, free_port
+from pipeline.stack import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _binaries() -> None:
-    from pipeline.stack import StackError
-
-    try:
-        find_broker_binary()
-        find_redis_binary()
-    except StackError as exc:
-        pytest.skip(str(exc))
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("stack_binaries"),
+]
 
 
 def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
