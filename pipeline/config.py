@@ -21,6 +21,7 @@ __all__ = [
     "ALL_SETTINGS",
     "KafkaSettings",
     "PSSettings",
+    "ProcessSettings",
     "RedisSettings",
     "StackSettings",
     "TopicsSettings",
@@ -34,6 +35,20 @@ DEFAULT_REDIS_PORT = 16379
 
 def _settings(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=prefix, frozen=True, extra="forbid")
+
+
+class ProcessSettings(BaseSettings):
+    """What every role process takes, whatever its role (``pipeline --threads``)."""
+
+    model_config = _settings("PIPELINE_")
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Cores this process may use for math (torch intra-op, OpenMP, BLAS); "
+        "unset: the CPUs available to it (affinity, container CPU quota). Give each role on "
+        "a shared box its share (pipeline/threads.py)",
+    )
 
 
 class KafkaSettings(BaseSettings):
@@ -162,6 +177,7 @@ class PSSettings(BaseSettings):
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    ProcessSettings,
     KafkaSettings,
     RedisSettings,
     StackSettings,

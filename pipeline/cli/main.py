@@ -13,6 +13,7 @@ import sys
 import click
 
 from pipeline import __version__
+from pipeline import threads as thread_budget
 from pipeline.errors import PipelineError
 
 __all__ = ["cli", "main"]
@@ -38,11 +39,27 @@ class _Group(click.Group):
     envvar="PIPELINE_LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar=thread_budget.THREADS_ENV,
+    help="Cores this process may use for math (torch, OpenMP, BLAS) "
+    f"[env {thread_budget.THREADS_ENV}; default: the CPUs available to it]",
+)
+def cli(log_level: str, threads: int | None) -> None:
     """Streaming online learning of sparse CTR models on Kafka."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _apply_budget(threads)
+
+
+def _apply_budget(given: int | None) -> None:
+    """The thread budget for this process (the entry point already set the environment)."""
+    budget = thread_budget.resolve(given)
+    thread_budget.apply_env(budget)  # inherited by the processes this one starts
+    thread_budget.apply_torch(budget)
 
 
 def _register() -> None:

@@ -140,6 +140,20 @@ def _write_specs(state: Path, layout: SlotConfig, kind: str, prefix: str) -> tup
     return catalog, spec, model.dense_table_name()
 
 
+def _trainer_threads(settings: DemoSettings) -> int:
+    """Each trainer's thread budget: its share of the cores; every other role gets one.
+
+    Weights: a trainer 3, each other process 1 (shard servers, joiner, publisher,
+    snapshot coordinator, serve). On a 2-core box every role gets one thread.
+    """
+    from pipeline.threads import available_cpus, share
+
+    roles = {f"train{n}": 3.0 for n in range(settings.trainers)}
+    roles |= {f"ps{n}": 1.0 for n in range(settings.shards)}
+    roles |= {"join": 1.0, "publish": 1.0, "snapshot": 1.0, "serve": 1.0}
+    return share(available_cpus(), roles)["train0"]
+
+
 def _health(port: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.5)
     try:
@@ -277,6 +291,7 @@ def _run(
         )
     _wait("shard servers", lambda: bool(client.exists(table.encode())), 60, procs)
     trainers = [f"train{n}" for n in range(settings.trainers)]
+    trainer_threads = _trainer_threads(settings)
     for n, name in enumerate(trainers):
         procs.start(
             name,
@@ -293,6 +308,7 @@ def _run(
             str(settings.batch_rows),
             *kafka,
             *red,
+            threads=trainer_threads,
         )
     snapshots = state / "snapshots"
     procs.start(

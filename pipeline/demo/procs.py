@@ -30,11 +30,16 @@ class ProcessSet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pid_file = log_dir / "demo-pids.json"
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start ``pipeline <args>`` as role ``name`` (log: ``<log_dir>/<name>.log``)."""
+    def start(self, name: str, *args: str, threads: int = 1) -> subprocess.Popen[bytes]:
+        """Start ``pipeline <args>`` as role ``name`` (log: ``<log_dir>/<name>.log``).
+
+        ``threads`` is the role's thread budget (``pipeline --threads``): the roles share
+        the box, so each gets its share instead of one thread per core.
+        """
+        cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", "info"]
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "--log-level", "info", *args],
+                [*cmd, "--threads", str(threads), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -218,3 +218,14 @@ def test_files_named_in_commands_are_in_the_image(compose: dict[str, Any]) -> No
                     spec = ModelSpec.from_yaml(local_path(arg))
                     catalog = {t.name for t in load_catalog(ROOT / "deploy/tables.yaml")}
                     assert set(spec.tables()) <= catalog, arg
+
+
+def test_every_role_has_a_thread_budget_matching_its_cpu_limit(compose: dict[str, Any]) -> None:
+    """Roles share a host: each states its CPUs and sets PIPELINE_THREADS to match."""
+    import math
+
+    for name, svc in _project_services(compose).items():
+        threads = svc.get("environment", {}).get("PIPELINE_THREADS")
+        assert threads is not None, f"{name}: no PIPELINE_THREADS"
+        assert "cpus" in svc, f"{name}: no cpus limit"
+        assert int(threads) == max(1, math.ceil(float(svc["cpus"]))), name

@@ -292,3 +292,15 @@ def test_shell_commands_are_checked_not_guessed() -> None:
         "--shard",
         "12",
     ]
+
+
+def test_every_container_takes_its_thread_budget_from_its_cpu_limit(docs: list[Doc]) -> None:
+    """PIPELINE_THREADS follows limits.cpu, so every role's pools fit its share of the node."""
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    assert workloads
+    for doc in workloads:
+        for container in _containers(doc):
+            env = {e["name"]: e for e in container.get("env", [])}
+            ref = env.get("PIPELINE_THREADS", {}).get("valueFrom", {}).get("resourceFieldRef")
+            assert ref == {"resource": "limits.cpu", "divisor": "1"}, doc["metadata"]["name"]
+            assert "cpu" in container["resources"].get("limits", {}), doc["metadata"]["name"]
