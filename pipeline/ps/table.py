@@ -8,6 +8,10 @@ score reaches the admission threshold get their deterministic initial value, and
 the optimizer runs on admitted rows only. Under a hot budget the least recently
 seen rows are demoted in bulk to the cold tier; tiers hold disjoint ids.
 
+Once checkpoints start tracking (``start_change_tracking``), every change is
+recorded at a cost in the changed rows (:mod:`pipeline.ps.dirty`), and
+``cut_changes`` hands over the rows changed since the previous cut.
+
 Single writer: the shard server calls this from one thread.
 """
 
@@ -21,7 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.arrayops import unique
 from pipeline.ps.accessor import Clock, CtrAccessor, system_clock
+from pipeline.ps.dirty import Changes, DirtyRows, last_occurrence
 from pipeline.ps.export import RowBatch
 from pipeline.ps.index import SlotMap, grow_rows
 from pipeline.ps.initializers import initialize
@@ -174,6 +180,8 @@ class ShardTable:
         self._click = np.zeros(cap, dtype=np.float32)
         self._seen = np.zeros(cap, dtype=np.int64)
         self._admitted = np.zeros(cap, dtype=bool)
+        self._dirty = DirtyRows()
+        self._dirty.reserve(cap)
 
     # ----------------------------------------------------------------- sizes
     def __len__(self) -> int:
@@ -190,7 +198,7 @@ class ShardTable:
     def hot_nbytes(self) -> int:
         """Bytes allocated by the hot tier (row blocks with their slack, index, free list)."""
         blocks = (self._w, self._st, self._show, self._click, self._seen, self._admitted)
-        return sum(int(a.nbytes) for a in blocks) + self._slots.nbytes
+        return sum(int(a.nbytes) for a in blocks) + self._slots.nbytes + self._dirty.nbytes
 
     def bytes_per_row(self) -> float:
         """Allocated hot bytes per hot row (includes growth slack and index load factor)."""
@@ -239,6 +247,7 @@ class ShardTable:
         now = check_now(self._clock() if now is None else now)
         uids, vals, show, click = aggregate(ids, values, shows, clicks)
         slots, created, promoted = self._locate(uids)
+        self._dirty.mark(slots)
         self._show[slots] += show
         self._click[slots] += click
         self._seen[slots] = np.maximum(self._seen[slots], now)
@@ -297,6 +306,7 @@ class ShardTable:
                 grow_rows(self._admitted, rows),
             )
             self._slots.reserve(rows)
+            self._dirty.reserve(rows)
         return self._slots.assign(ids)
 
     def _enforce_budget(self) -> int:
@@ -307,7 +317,9 @@ class ShardTable:
         live = self._slots.live_slots()
         if excess < live.shape[0]:
             live = live[np.argpartition(self._seen[live], excess - 1)[:excess]]
-        self._cold.put(self._slots.ids[live], self._pack(live))  # write first: never lose rows
+        ids, rows = self._slots.ids[live], self._pack(live)
+        self._cold.put(ids, rows)  # write first: never lose rows
+        self._dirty.moved(live, ids, rows)
         self._slots.release(live)
         return int(live.shape[0])
 
@@ -356,19 +368,26 @@ class ShardTable:
         live = self._slots.live_slots()
         show, click = self._show[live], self._click[live]
         dead = self.accessor.shrink(show, click, self._seen[live], now)
+        decayed = (show != self._show[live]) | (click != self._click[live])
         self._show[live], self._click[live] = show, click
+        self._dirty.mark(live[decayed & ~dead])
         deleted = [self._slots.ids[live[dead]]]
+        self._dirty.deleted(live[dead], deleted[0])
         self._slots.release(live[dead])
         if self._cold is not None:
             c = self.dim + self.state_width
             for ids, rows in self._cold.iter_chunks(chunk_rows):
                 batch = self._unpack(ids, rows)
                 dead = self.accessor.shrink(batch.show, batch.click, batch.last_seen, now)
+                decayed = (rows[:, c] != batch.show) | (rows[:, c + 1] != batch.click)
+                if decayed[~dead].any():
+                    self._dirty.lose()  # decay rewrites the cold tier: too many rows to track
                 rows[:, c], rows[:, c + 1] = batch.show, batch.click
                 if (~dead).any():
                     self._cold.put(ids[~dead], rows[~dead])
                 if dead.any():
                     self._cold.delete(ids[dead])
+                    self._dirty.deleted_cold(ids[dead])
                     deleted.append(ids[dead])
         return np.sort(np.concatenate(deleted))
 
@@ -402,7 +421,82 @@ class ShardTable:
                 self._cold.delete(batch.ids[new])  # keep the tiers disjoint
             slots[new] = self._new_slots(batch.ids[new])
         self._store(slots, batch)
+        self._dirty.mark(slots)
         self._enforce_budget()
+
+    def remove(self, ids: U64) -> None:
+        """Delete rows from both tiers (missing ids are ignored): replays a delta's deletions."""
+        ids = unique(coerce_ids(ids))
+        slots = self._slots.lookup(ids)
+        hot = slots >= 0
+        self._dirty.deleted(slots[hot], ids[hot])
+        self._slots.release(slots[hot])
+        if self._cold is not None and not hot.all():
+            self._cold.delete(ids[~hot])
+            self._dirty.deleted_cold(ids[~hot])
+
+    # ------------------------------------------------- checkpoint support
+    def start_change_tracking(self, limit: int | None = None) -> None:
+        """Record changes from now on, taking the table as equal to its last checkpoint.
+
+        Past ``limit`` pending rows tracking gives up and ``cut_changes`` returns None:
+        a full checkpoint is cheaper than a delta that large.
+        """
+        self._dirty.start(limit)
+
+    def stop_change_tracking(self) -> None:
+        """Forget pending changes; the next ``cut_changes`` returns None (a base is needed)."""
+        self._dirty.lose()
+
+    @property
+    def tracking_changes(self) -> bool:
+        return self._dirty.tracking
+
+    @property
+    def changed_rows(self) -> int:
+        """Upper bound of the rows (upserts + deletions) the next cut returns."""
+        return self._dirty.pending
+
+    def cut_changes(self) -> Changes | None:
+        """Rows changed since the previous cut (every column, as stored now, from either
+        tier) and ids deleted meanwhile; tracking restarts from here.
+
+        None when tracking was lost or never started: only a full export describes the
+        table then. Costs the changed rows (gathers from the hot blocks and the demotion
+        log), never a cold-tier read.
+        """
+        taken = self._dirty.take(self.cold_width)
+        if taken is None:
+            return None
+        parts = [self._hot_rows(taken.slots)]
+        deleted = np.zeros(0, np.uint64)
+        if taken.gone_ids.shape[0]:
+            last = last_occurrence(taken.gone_ids)
+            ids, dead = taken.gone_ids[last], taken.gone_deleted[last]
+            back = self._slots.lookup(ids) >= 0  # hot again, so marked: the hot row is newer
+            row_of = np.cumsum(~taken.gone_deleted) - 1
+            moved = ~dead & ~back
+            parts.append(self._unpack(ids[moved], taken.gone_rows[row_of[last[moved]]]))
+            deleted = ids[dead & ~back]  # sorted: last_occurrence is in id order
+        fields = RowBatch.__dataclass_fields__
+        rows = RowBatch(*(np.concatenate([getattr(b, f) for b in parts]) for f in fields))
+        return Changes(rows, deleted)
+
+    @property
+    def hot_slot_end(self) -> int:
+        """One past the highest hot slot in use: a scan of the hot tier reads ``[0, end)``."""
+        return self._slots.high_water
+
+    def hot_rows_between(self, lo: int, hi: int) -> RowBatch:
+        """Copies of the hot rows at live slots in ``[lo, hi)``.
+
+        A fuzzy checkpoint base reads the hot tier in such slices between pushes. A row
+        present at the start of the scan and unchanged until its end is read at least
+        once: rows change slots only by leaving the hot tier (then the cold tier, read
+        after the hot scan, holds them); changed rows come from the deltas after the base.
+        """
+        live = lo + np.flatnonzero(self._slots.live[lo:hi])
+        return self._hot_rows(live)
 
     # ------------------------------------------------------- cold row layout
     def _store(self, slots: npt.NDArray[np.int64], batch: RowBatch) -> None:
