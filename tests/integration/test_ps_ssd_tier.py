@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,20 @@ def test_tiered_table_on_ssd_equals_all_in_memory(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(tiered.shrink(now=5000), memory.shrink(now=5000))
         assert len(tiered) == len(memory)
+
+
+def test_prepare_checkpoint_flushes_the_memtable_in_the_background(tmp_path: Path) -> None:
+    rows = 300_000  # ~10 MB of memtable: more than prepare_checkpoint leaves behind
+    with SsdTier(tmp_path / "db", WIDTH) as tier:
+        ids = np.arange(rows, dtype=np.uint64)
+        tier.put(ids, np.ones((rows, WIDTH), np.float32))
+        assert not tier.prepare_checkpoint()  # flush started, not finished
+        deadline = time.monotonic() + 60  # a guard against hanging, not a speed check
+        while not tier.prepare_checkpoint():
+            assert time.monotonic() < deadline, "background flush never finished"
+            time.sleep(0.01)
+        assert tier._property("rocksdb.cur-size-active-mem-table") <= 4 << 20
+        tier.checkpoint(tmp_path / "ckpt")
+    with SsdTier(tmp_path / "ckpt", WIDTH) as copy:
+        assert copy.count() == rows
+        assert copy.get(ids[-5:])[0].all()

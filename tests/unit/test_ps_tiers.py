@@ -137,6 +137,27 @@ class TierContract:
         finally:
             copy.close()
 
+    def test_restore_replaces_every_row_with_a_checkpoint(
+        self, tier: ColdTier, tmp_path: Path
+    ) -> None:
+        ids = np.arange(500, dtype=np.uint64)
+        tier.put(ids, rows_for(ids))
+        for _ in range(1000):  # a store may need a few calls (background flush)
+            if tier.prepare_checkpoint():
+                break
+        tier.checkpoint(tmp_path / "ckpt")
+        tier.put(ids[:10], rows_for(ids[:10], salt=5.0))
+        tier.delete(ids[10:20])
+        tier.put(np.array([10_000], np.uint64), rows_for(np.array([10_000], np.uint64)))
+        tier.restore(tmp_path / "ckpt")
+        assert tier.count() == 500
+        found, rows = tier.get(np.concatenate([ids, np.array([10_000], np.uint64)]))
+        assert found[:500].all() and not found[500]
+        np.testing.assert_array_equal(rows[:500], rows_for(ids))
+        tier.put(ids[:5], rows_for(ids[:5], salt=1.0))  # the restored tier is writable ...
+        tier.restore(tmp_path / "ckpt")  # ... and the checkpoint was left as it was
+        np.testing.assert_array_equal(tier.get(ids[:5])[1], rows_for(ids[:5]))
+
     def test_rejects_malformed_input(self, tier: ColdTier) -> None:
         with pytest.raises(ValueError):
             tier.put(np.array([1], np.int64), np.zeros((1, WIDTH), np.float32))  # type: ignore[arg-type]

@@ -77,6 +77,16 @@ class ColdTier(ABC):
     def checkpoint(self, path: str | Path) -> None:
         """Write a consistent on-disk copy of the whole tier to the new directory ``path``."""
 
+    def prepare_checkpoint(self) -> bool:
+        """Make the next :meth:`checkpoint` cheap, in the background where the store can
+        (flush write buffers); True once it is ready. Call again until then; checkpointing
+        before that is correct, only slower. The default tier needs nothing."""
+        return True
+
+    @abstractmethod
+    def restore(self, path: str | Path) -> None:
+        """Replace every row with those of a :meth:`checkpoint` directory (left unchanged)."""
+
     @abstractmethod
     def close(self) -> None:
         """Release resources; the tier must not be used afterwards."""

@@ -3,7 +3,8 @@
 Same slot machinery as the hot table (:class:`~pipeline.ps.index.SlotMap`), so
 every batch operation is vectorized. ``checkpoint`` writes ``ids.npy`` and
 ``rows.npy`` into a temp directory renamed into place; :meth:`MemoryTier.load`
-reads it back.
+and :meth:`MemoryTier.restore` read it back. Checkpoints copy every row while the
+caller waits: this tier is for tests and small tables.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ class MemoryTier(ColdTier):
         np.save(tmp / "rows.npy", self._rows[live])
         (tmp / "meta.json").write_text(json.dumps({"tier": "memory", "width": self.width}))
         os.rename(tmp, path)  # fails if path exists: checkpoints are never overwritten
+
+    def restore(self, path: str | Path) -> None:
+        self._check_open()
+        loaded = MemoryTier.load(path)
+        if loaded.width != self.width:
+            raise ValueError(f"{path} holds rows of width {loaded.width}, not {self.width}")
+        self._slots, self._rows = loaded._slots, loaded._rows
 
     @classmethod
     def load(cls, path: str | Path) -> MemoryTier:

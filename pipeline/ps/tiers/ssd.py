@@ -18,6 +18,7 @@ family, on create and on reopen.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,7 @@ DEFAULT_BLOCK_CACHE_BYTES = 512 << 20
 _COUNT_KEY = b"__count__"
 _WIDTH_KEY = b"__width__"
 _KEY_BYTES = 8
+_PREPARED_MEMTABLE_BYTES = 4 << 20  # what prepare_checkpoint leaves for checkpoint to flush
 
 
 def _options(block_cache_bytes: int, bloom_bits_per_key: int) -> Options:
@@ -84,20 +86,26 @@ class SsdTier(ColdTier):
     ) -> None:
         super().__init__(width)
         self.path = Path(path)
+        self._settings = (block_cache_bytes, bloom_bits_per_key, sync_writes)
+        self._row_bytes = width * 4
+        self._open()
+
+    def _open(self) -> None:
+        block_cache_bytes, bloom_bits_per_key, sync_writes = self._settings
         opts = _options(block_cache_bytes, bloom_bits_per_key)
         self._db = Rdict(str(self.path), opts, column_families={"default": opts})
         write_opts = WriteOptions()
         write_opts.sync = sync_writes
         self._db.set_write_options(write_opts)
-        self._row_bytes = width * 4
         stored_width = self._db.get(_WIDTH_KEY)
         if stored_width is None:
-            self._db.put(_WIDTH_KEY, int(width).to_bytes(8, "little"))
-        elif int.from_bytes(stored_width, "little") != width:
+            self._db.put(_WIDTH_KEY, int(self.width).to_bytes(8, "little"))
+        elif int.from_bytes(stored_width, "little") != self.width:
             self._db.close()
+            self._closed = True
             raise ValueError(
                 f"{self.path} holds rows of width {int.from_bytes(stored_width, 'little')}, "
-                f"not {width}"
+                f"not {self.width}"
             )
         raw_count = self._db.get(_COUNT_KEY)
         self._count = 0 if raw_count is None else int.from_bytes(raw_count, "little")
@@ -217,6 +225,50 @@ class SsdTier(ColdTier):
         """
         self._check_open()
         Checkpoint(self._db).create_checkpoint(str(path))
+
+    def prepare_checkpoint(self) -> bool:
+        """Flush the memtable on RocksDB's own thread, so that :meth:`checkpoint` (which
+        flushes what is left while holding the GIL) stays short.
+
+        Measured here (1M rows of 148 B): a checkpoint took 160 ms with a full memtable
+        (~50 MB) and 20 ms after a background flush plus 20k more rows; the flush call
+        itself returns in 1 ms.
+        """
+        self._check_open()
+        busy = self._property("rocksdb.num-immutable-mem-table")
+        busy += self._property("rocksdb.num-running-flushes")
+        if busy:
+            return False
+        if self._property("rocksdb.cur-size-active-mem-table") > _PREPARED_MEMTABLE_BYTES:
+            self._db.flush(False)  # wait=False: returns at once, RocksDB flushes in background
+            return False
+        return True
+
+    def _property(self, name: str) -> int:
+        return int(self._db.property_int_value(name) or 0)
+
+    def restore(self, path: str | Path) -> None:
+        """Reopen on a copy of checkpoint ``path``: SST files are hard-linked (RocksDB never
+        modifies them, and the links keep them alive when either side deletes its name;
+        copied across filesystems), the small MANIFEST/CURRENT/OPTIONS/WAL files copied."""
+        self._check_open()
+        source = Path(path)
+        if not (source / "CURRENT").is_file():
+            raise ValueError(f"{source} is not a RocksDB checkpoint (no CURRENT file)")
+        self._db.close()
+        self._closed = True
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        for item in source.iterdir():
+            target = self.path / item.name
+            if item.suffix == ".sst":
+                try:
+                    os.link(item, target)
+                    continue
+                except OSError:
+                    pass  # another filesystem: copy
+            shutil.copy2(item, target)
+        self._open()
 
     def close(self) -> None:
         if not self._closed:
