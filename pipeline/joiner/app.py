@@ -87,13 +87,17 @@ def make_app(
             f"security_protocol={kafka.security_protocol}"
         )
     topics = topics_for(settings, prefix)
-    (n_imp, _, n_samples), brokers = _counts(
-        kafka, [topics.impressions, topics.clicks, topics.samples]
+    (n_imp, _, n_samples, n_dlq), brokers = _counts(
+        kafka, [topics.impressions, topics.clicks, topics.samples, topics.dlq]
     )
     batcher = SampleBatcher(
-        settings.slot_config(), n_samples, settings.batch_size, settings.linger_ms
+        settings.slot_config(),
+        n_samples,
+        settings.batch_size,
+        settings.linger_ms,
+        settings.negative_rate,
     )
-    engine = JoinEngine(join_config(settings), topics, batcher)
+    engine = JoinEngine(join_config(settings), topics, batcher, n_dlq)
     app = faust.App(
         f"{prefix}{settings.app_id}",
         broker=f"kafka://{kafka.bootstrap}",
@@ -133,7 +137,7 @@ def make_app(
         p = msg.partition
         if p not in engine.joiners:
             saved = state.get(str(p))
-            engine.assign(p, None if saved is None else base64.b64decode(saved), now)
+            engine.assign(p, None if saved is None else [base64.b64decode(saved)], now)
         stream = "impressions" if msg.topic == topics.impressions else "clicks"
         if msg.offset < engine.positions[p].get(stream, 0):
             event.ack()  # covered by the restored checkpoint

@@ -1,36 +1,36 @@
 """The joiner's message-level core, shared by both engines and free of Kafka I/O.
 
-:class:`JoinEngine` turns input messages (topic, partition, offset, bytes) into
-output records (``samples`` batches and ``samples.dlq`` dead letters), owns one
-:class:`~pipeline.joiner.logic.PartitionJoiner` per assigned input partition, and
-serialises a partition's state with the input offsets it covers into one checkpoint
-blob. The engines only move bytes: consume, produce, flush, store checkpoints.
+:class:`JoinEngine` turns polled input messages (topic, partition, offset, key,
+bytes) into output records (``samples`` batches and ``samples.dlq`` dead letters),
+owns one :class:`~pipeline.joiner.logic.PartitionJoiner` per assigned input
+partition, and writes a partition's state with the input offsets it covers as
+checkpoint deltas (:mod:`pipeline.joiner.delta`). A poll is handled in bulk: all
+bodies decoded and hashed together (:mod:`pipeline.joiner.events`), then each
+partition's events joined as one batch. The engines only move bytes: consume,
+produce, flush, store checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
-from collections.abc import Mapping
+import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.codec import avro
-from pipeline.codec.errors import CodecError
 from pipeline.codec.samplebatch import decode_batch
-from pipeline.joiner.logic import Counters, JoinConfig, Kind, OrphanClick, Output, PartitionJoiner
+from pipeline.joiner import delta
+from pipeline.joiner.events import decode_events
+from pipeline.joiner.logic import Counters, EventBatch, JoinConfig, JoinResult, PartitionJoiner
 from pipeline.joiner.output import OutBatch, SampleBatcher, parse_headers
-from pipeline.joiner.records import (
-    ORPHAN_CLICK,
-    Origin,
-    dead_letter,
-    decode_click,
-    decode_impression,
-)
+from pipeline.joiner.records import ORPHAN_CLICK, Origin, dead_letter
 
 __all__ = ["STATE_VERSION", "JoinEngine", "OutRecord", "Topics"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: one JSON document per checkpoint; 2: deltas of changed rows
 
 
 @dataclass(frozen=True)
@@ -58,35 +58,40 @@ class OutRecord:
 class JoinEngine:
     """Decode, join, batch and dead-letter; one joiner per assigned input partition."""
 
-    def __init__(self, config: JoinConfig, topics: Topics, batcher: SampleBatcher) -> None:
+    def __init__(
+        self, config: JoinConfig, topics: Topics, batcher: SampleBatcher, dlq_partitions: int = 1
+    ) -> None:
         self.config = config
         self.topics = topics
         self.batcher = batcher
+        self.dlq_partitions = dlq_partitions
         self.joiners: dict[int, PartitionJoiner] = {}
         self.positions: dict[int, dict[str, int]] = {}  # input partition -> next offsets
         self._dlq_seen: set[tuple[str, int, int]] = set()  # dead letters found after a crash
 
     # -- partitions ------------------------------------------------------------------
 
-    def assign(self, partition: int, blob: bytes | None, now_ms: int) -> dict[str, int]:
-        """Take ``partition`` from a checkpoint (or fresh); returns the offsets to resume at.
+    def assign(self, partition: int, blobs: Sequence[bytes] | None, now_ms: int) -> dict[str, int]:
+        """Take ``partition`` from its checkpoint deltas (oldest first) or fresh.
 
-        The result maps ``impressions``/``clicks`` to the next offsets to read; empty
-        when there is no checkpoint (start per ``start_from``).
+        Returns the offsets to resume at (``impressions``/``clicks`` -> next offset);
+        empty when there is no checkpoint (start per ``start_from``).
         """
-        if blob is None:
-            self.joiners[partition] = PartitionJoiner(self.config, now_ms)
+        joiner = PartitionJoiner(self.config, now_ms)
+        self.joiners[partition] = joiner
+        if not blobs:
             self.positions[partition] = {}
             return {}
-        doc = json.loads(zlib.decompress(blob))
-        if doc.get("version") != STATE_VERSION or doc.get("partition") != partition:
+        first = self.header(blobs[-1])
+        if first.get("version") != STATE_VERSION or first.get("partition") != partition:
+            self.joiners.pop(partition)
             raise ValueError(
-                f"checkpoint of partition {partition} has version {doc.get('version')} "
-                f"and partition {doc.get('partition')}; expected {STATE_VERSION}, {partition}"
+                f"checkpoint of partition {partition} has version {first.get('version')} "
+                f"and partition {first.get('partition')}; expected {STATE_VERSION}, {partition}"
             )
-        self.joiners[partition] = PartitionJoiner.from_state(self.config, doc["state"], now_ms)
-        self.positions[partition] = dict(doc["offsets"])
-        return dict(doc["offsets"])
+        header = delta.restore(joiner, list(blobs))
+        self.positions[partition] = dict(header["offsets"])
+        return dict(header["offsets"])
 
     def revoke(self, partition: int) -> None:
         """Forget ``partition`` (after its last checkpoint, or when it was lost)."""
@@ -94,21 +99,42 @@ class JoinEngine:
         self.positions.pop(partition, None)
         self.batcher.drain(partition)
 
-    def checkpoint(self, partition: int, outputs: Mapping[str, Any] | None = None) -> bytes:
-        """State + input offsets of ``partition`` as one blob (call after draining)."""
-        doc = {
+    def delta(
+        self, partition: int, seq: int, outputs: dict[str, Any] | None = None, full: bool = False
+    ) -> bytes:
+        """Checkpoint delta ``seq`` of ``partition``: the rows changed since the last one
+        (every row when ``full``), its offsets and output positions (call after draining)."""
+        joiner = self.joiners[partition]
+        meta = {
             "version": STATE_VERSION,
             "partition": partition,
+            "seq": seq,
             "offsets": self.positions[partition],
             "outputs": dict(outputs or {}),
-            "state": self.joiners[partition].to_state(),
         }
-        return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+        return delta.encode_delta(joiner, delta.take_changes(joiner, seq, full), meta)
+
+    def oldest_needed(self, partition: int, default: int) -> int:
+        """The oldest checkpoint delta a restore of ``partition`` still needs."""
+        return delta.oldest_needed(self.joiners[partition], default)
+
+    def checkpoint(self, partition: int, outputs: dict[str, Any] | None = None) -> bytes:
+        """The whole state of ``partition`` as one self-contained blob (a full delta)."""
+        return self.delta(partition, 0, outputs, full=True)
+
+    @staticmethod
+    def header(blob: bytes) -> dict[str, Any]:
+        """The JSON header of a checkpoint delta (its offsets, outputs, seq ...)."""
+        if blob[:4] != delta.MAGIC:
+            raise ValueError("not a joiner checkpoint (bad magic)")
+        (size,) = struct.unpack_from("<I", blob, 4)
+        doc: dict[str, Any] = json.loads(blob[8 : 8 + size])
+        return doc
 
     @staticmethod
     def checkpoint_outputs(blob: bytes) -> dict[str, Any]:
         """The output positions recorded in a checkpoint (where replayed output may start)."""
-        return dict(json.loads(zlib.decompress(blob))["outputs"])
+        return dict(JoinEngine.header(blob)["outputs"])
 
     def recover_sample(self, headers: list[tuple[str, bytes]] | None, value: bytes) -> int:
         """Note a ``samples`` message emitted after its partition's checkpoint.
@@ -121,10 +147,8 @@ class JoinEngine:
         if parsed is None or parsed[0] not in self.joiners:
             return 0
         partition, keys, kinds = parsed
-        joiner = self.joiners[partition]
         times = decode_batch(value).event_times
-        for key_hash, kind, event_time in zip(keys, kinds, times, strict=True):
-            joiner.recover_emitted(int(key_hash), Kind(int(kind)), int(event_time))
+        self.joiners[partition].recover_emitted(keys, kinds, times)
         return len(keys)
 
     def recover_dead_letter(self, value: bytes) -> tuple[str, int, int] | None:
@@ -139,22 +163,47 @@ class JoinEngine:
 
     # -- messages ----------------------------------------------------------------------
 
+    def handle_many(
+        self,
+        topics: Sequence[str],
+        partitions: Sequence[int],
+        offsets: Sequence[int],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes],
+        now_ms: int,
+    ) -> list[OutRecord]:
+        """Process polled messages of assigned partitions, in the order consumed."""
+        if not values:
+            return []
+        clicks_topic = self.topics.clicks
+        is_click = [t == clicks_topic for t in topics]
+        for t in set(topics):
+            self._stream(t)  # rejects a topic that is not an input
+        part = np.fromiter(partitions, dtype=np.int64, count=len(values))
+        off = np.fromiter(offsets, dtype=np.int64, count=len(values))
+        self._advance_positions(part, off, np.array(is_click, dtype=bool))
+
+        def origin(i: int) -> Origin:
+            return Origin(topics[i], int(part[i]), int(off[i]), keys[i], values[i])
+
+        decoded = decode_events(self.config, is_click, values, origin)
+        out: list[OutRecord] = []
+        for rej in decoded.rejected:
+            p = int(part[rej.index])
+            self.joiners[p].counters.malformed += 1
+            out += self._dead(p, origin(rej.index), rej.reason, rej.error, now_ms)
+        ev_part = part[decoded.index]
+        for p in np.unique(ev_part).tolist():
+            sel = np.flatnonzero(ev_part == p)
+            batch = _take(decoded.events, sel)
+            out += self._route(p, self.joiners[p].process(batch, now_ms), now_ms)
+        return out
+
     def handle(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, now_ms: int
     ) -> list[OutRecord]:
         """Process one input message of an assigned partition."""
-        joiner = self.joiners[partition]
-        self.positions[partition][self._stream(topic)] = offset + 1
-        origin = Origin(topic, partition, offset, key, value)
-        try:
-            if topic == self.topics.impressions:
-                outputs = joiner.impression(decode_impression(value), now_ms)
-            else:
-                outputs = joiner.click(decode_click(value), origin, now_ms)
-        except CodecError as exc:
-            joiner.counters.malformed += 1
-            return self._dead(partition, origin, exc.reason, exc.message, now_ms)
-        return self._route(partition, outputs, now_ms)
+        return self.handle_many([topic], [partition], [offset], [key], [value], now_ms)
 
     def mark_busy(self, partition: int, topic: str, now_ms: int) -> None:
         """``topic`` has unread messages in ``partition``: its stream is not idle."""
@@ -172,6 +221,15 @@ class JoinEngine:
         """Every buffered batch (of one partition, or all), e.g. before a checkpoint."""
         return self._batches(self.batcher.drain(partition))
 
+    def forget_dead_letters_before(self, partition: int) -> None:
+        """Dead letters below the checkpointed offsets can never be replayed: drop them."""
+        pos = self.positions.get(partition, {})
+        done = {self.topics.impressions: pos.get("impressions", 0)}
+        done[self.topics.clicks] = pos.get("clicks", 0)
+        self._dlq_seen = {
+            d for d in self._dlq_seen if d[1] != partition or d[2] >= done.get(d[0], 0)
+        }
+
     def counters(self) -> Counters:
         """Totals over the assigned partitions."""
         total = Counters()
@@ -180,10 +238,12 @@ class JoinEngine:
         return total
 
     def stats(self) -> dict[str, int]:
-        """Counters plus open windows and waiting clicks, for logs and the CLI."""
+        """Counters plus open windows, held keys and waiting clicks, for logs and the CLI."""
         doc = asdict(self.counters())
         doc["pending"] = sum(j.pending_count for j in self.joiners.values())
+        doc["remembered"] = sum(j.remembered_count for j in self.joiners.values())
         doc["waiting_clicks"] = sum(j.orphan_count for j in self.joiners.values())
+        doc["state_bytes"] = sum(j.table.nbytes() for j in self.joiners.values())
         return doc
 
     # -- internals ----------------------------------------------------------------------
@@ -195,17 +255,22 @@ class JoinEngine:
             return "clicks"
         raise ValueError(f"{topic} is not an input topic of the joiner")
 
-    def _route(self, partition: int, outputs: list[Output], now_ms: int) -> list[OutRecord]:
+    def _advance_positions(self, part: Any, off: Any, is_click: Any) -> None:
+        """Next offsets per (partition, stream): one past the last message polled."""
+        code = part * 2 + is_click
+        last = np.flatnonzero(np.concatenate([code[1:] != code[:-1], [True]]))
+        for c, o in zip(code[last].tolist(), off[last].tolist(), strict=True):
+            stream = "clicks" if c & 1 else "impressions"
+            positions = self.positions[c >> 1]
+            positions[stream] = max(positions.get(stream, 0), o + 1)
+
+    def _route(self, partition: int, result: JoinResult, now_ms: int) -> list[OutRecord]:
         out: list[OutRecord] = []
-        samples = []
-        for item in outputs:
-            if isinstance(item, OrphanClick):
-                error = f"no impression for request {item.click.request_id!r} item "
-                error += f"{item.click.item_id!r} before the watermark passed the click"
-                out += self._dead(partition, item.origin, ORPHAN_CLICK, error, now_ms)
-            else:
-                samples.append(item)
-        return out + self._batches(self.batcher.add(partition, samples, now_ms))
+        for item in result.orphans:
+            error = f"no impression for request {item.click.request_id!r} item "
+            error += f"{item.click.item_id!r} before the watermark passed the click"
+            out += self._dead(partition, item.origin, ORPHAN_CLICK, error, now_ms)
+        return out + self._batches(self.batcher.add(partition, result.samples, now_ms))
 
     def _batches(self, batches: list[OutBatch]) -> list[OutRecord]:
         topic = self.topics.samples
@@ -218,4 +283,23 @@ class JoinEngine:
         if ident in self._dlq_seen:
             return []  # already dead-lettered before a crash
         value = dead_letter(origin, reason, error, now_ms)
-        return [OutRecord(self.topics.dlq, None, origin.key, value, [], partition)]
+        q = partition % self.dlq_partitions
+        return [OutRecord(self.topics.dlq, q, origin.key, value, [], partition)]
+
+
+def _take(b: EventBatch, idx: Any) -> EventBatch:
+    """Events ``idx`` of a batch (the orphan lookup follows the selection)."""
+    if len(idx) == len(b):
+        return b
+    base = b.orphan
+    return EventBatch(
+        click=b.click[idx],
+        time=b.time[idx],
+        key=b.key[idx],
+        user=b.user[idx],
+        keep=b.keep[idx],
+        ids=b.ids[idx],
+        present=b.present[idx],
+        unknown=b.unknown[idx],
+        orphan=lambda i: base(int(idx[i])),
+    )

@@ -1,64 +1,88 @@
-"""The impression/click join of one input partition, as a pure state machine.
+"""The impression/click join of one input partition, as a state machine over batches.
 
-No Kafka here: the engines (``runner.py``, ``app.py``) feed decoded events and the
-wall clock in, and route what comes out. Everything is decided by event time:
+No Kafka here: the engines feed batches of decoded events (:class:`EventBatch`, in
+arrival order) and the wall clock in, and route what comes out. Everything is decided
+by event time:
 
 * an impression opens an attribution window ``[t, t + window_ms]`` for its
   ``(request_id, item_id)``; a click inside it emits a positive at once (or, with
   ``positives_at_close``, when the window closes, so positives and negatives leave
-  in the same event-time order and a model never sees a stretch of positives whose
-  negatives are still held back);
+  in the same event-time order);
 * the window closes when the watermark passes ``t + window_ms``; then a negative
   is emitted (kept with probability ``negative_rate``, weight ``1/negative_rate``);
 * the watermark is ``min`` over the two input streams of their max event time,
-  minus ``lateness_ms`` (a two-input operator may only advance as far as its slower
-  input). A stream quiet for ``idle_ms`` of wall time (nothing read and, as the
-  engine reports with :meth:`PartitionJoiner.mark_busy`, nothing left to read)
-  stops holding it back, and when both are quiet it advances with the wall clock,
-  so a quiet stream still closes its windows;
+  minus ``lateness_ms``; a stream quiet for ``idle_ms`` of wall time (nothing read
+  and, as the engine reports with :meth:`PartitionJoiner.mark_busy`, nothing left to
+  read) stops holding it back, and when both are quiet it advances with the wall
+  clock;
 * clicks after their window (by event time, or arriving after it closed) are late;
   a click with no impression waits until the watermark passes it, then becomes an
   orphan (dead letter). Repeated impressions and clicks of a key are duplicates.
 
-Closed keys are remembered for ``retention_ms`` after their window so duplicates and
-late clicks are recognised; the state round-trips through :meth:`to_state`.
+A batch gives exactly the decisions of feeding its events one by one: the watermark
+after every event is computed for the whole batch at once (it depends only on event
+times and stream activity, not on join decisions), and each key's events depend only
+on that key's state and those watermarks. So the common cases (a new impression; the
+first click of an open window) are decided for all their keys in a few numpy passes,
+and only keys with several events in one batch or unusual state (duplicates, late
+clicks, clicks waiting for their impression, replay marks) go through a per-key path.
+
+State lives in numpy columns (:mod:`pipeline.joiner.table`): keys are identified by
+their 64-bit join key hash (``XXH64(request_id 0x1F item_id)``, the same hash the
+``samples`` headers carry). Closed keys are remembered for ``retention_ms`` after their
+window so duplicates and late clicks are recognised.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
+import numpy as np
+import numpy.typing as npt
 
-from pipeline.codec.hashing import HASH_SEED, SEPARATOR, hash64
+from pipeline.codec.hashing import hash64
 from pipeline.codec.slots import SlotConfig
-from pipeline.joiner.records import Click, Impression, JoinKey, Origin
+from pipeline.joiner.records import Click, Impression, Origin
 from pipeline.joiner.results import (
     Counters,
     Joined,
     Kind,
     OrphanClick,
     Output,
+    Samples,
     join_key_hash,
     keep_negative,
 )
+from pipeline.joiner.table import DONE, FREE, NONE, PENDING, RowTable
+from pipeline.joiner.timers import TimerQueue
 
 __all__ = [
     "Counters",
+    "EventBatch",
     "JoinConfig",
+    "JoinResult",
     "Joined",
     "Kind",
     "OrphanClick",
     "Output",
     "PartitionJoiner",
+    "Samples",
     "join_key_hash",
     "keep_negative",
 ]
 
-_DROPPED = 3  # a negative removed by downsampling (state only, never emitted)
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+BOOL = npt.NDArray[np.bool_]
+
+# row flags
+LATE, CLICKED, KEEP = 1, 2, 4
+DROPPED = 3  # kind of a closed key whose negative was downsampled away (never emitted)
+_PRIMARY = (1 << Kind.NEGATIVE) | (1 << Kind.POSITIVE)
+_NO_WM = np.iinfo(np.int64).min  # "no watermark yet": nothing is before it
+IMP, CLK = 0, 1
 
 
 @dataclass(frozen=True)
@@ -84,27 +108,46 @@ class JoinConfig:
 
 
 @dataclass
-class _Pending:
-    user_id: str
-    time: int
-    ids: dict[str, int]
-    late: bool = False  # a click after the window already arrived
-    clicked: bool = False  # clicked in the window; the positive waits for the close
+class EventBatch:
+    """Valid, hashed events of one input partition, in arrival order.
+
+    Impression columns (``user``, ``keep``, ``ids``, ``present``, ``unknown``) are
+    ignored for clicks; ``orphan(i)`` describes click ``i`` for a dead letter, and is
+    called only for clicks that wait for their impression.
+    """
+
+    click: BOOL
+    time: I64
+    key: U64
+    user: U64  # hash64("user_id", user_id): the output partition
+    keep: BOOL  # the downsampling draw of the key
+    ids: U64  # [n, slots]
+    present: BOOL  # [n, slots]
+    unknown: I64  # feature values of slots not configured
+    orphan: Callable[[int], OrphanClick]
+
+    def __len__(self) -> int:
+        return len(self.time)
 
 
 @dataclass
-class _Done:
-    kind: int  # Kind value or _DROPPED
-    time: int
-    late: bool = False
-    user_id: str = ""
-    ids: dict[str, int] = field(default_factory=dict)  # kept only for corrections
+class JoinResult:
+    """What one call decided: samples in emission order, and orphan clicks."""
+
+    samples: Samples
+    orphans: list[OrphanClick] = field(default_factory=list)
 
 
-@dataclass
-class _Stream:
-    max_time: int | None = None
-    last_wall: int = 0
+class _Collector:
+    """Samples of one call, gathered in emission order."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.parts: list[Samples] = []
+        self.orphans: list[OrphanClick] = []
+
+    def result(self) -> JoinResult:
+        return JoinResult(Samples.concat(self.parts, self.num_slots), self.orphans)
 
 
 class PartitionJoiner:
@@ -114,87 +157,36 @@ class PartitionJoiner:
         self.config = config
         self.counters = Counters()
         self.watermark: int | None = None
-        self._streams = {"impression": _Stream(None, now_ms), "click": _Stream(None, now_ms)}
+        self.max_time: list[int | None] = [None, None]  # per stream (IMP, CLK)
+        self.last_wall = [now_ms, now_ms]
         self._woken = False
-        self._prefixes = {s: s.encode("utf-8") + SEPARATOR for s in config.slots.slots}
-        self._pending: dict[JoinKey, _Pending] = {}
-        self._done: dict[JoinKey, _Done] = {}
-        self._orphans: dict[JoinKey, list[tuple[Click, Origin]]] = {}
-        self._recovered: dict[int, tuple[set[int], int]] = {}  # hash -> (kinds, expires)
-        self._closing: list[tuple[int, JoinKey]] = []  # (window end, key), lazy deletion
-        self._expiry: list[tuple[int, JoinKey]] = []
-        self._orphan_due: list[tuple[int, JoinKey]] = []
+        self.num_slots = len(config.slots.slots)
+        self.table = RowTable(self.num_slots)
+        self.orphans: dict[int, list[OrphanClick]] = {}  # row -> clicks waiting for it
+        self._closing = TimerQueue()
+        self._orphan_due = TimerQueue()
+        self._expiry = TimerQueue()
+        self._out = _Collector(self.num_slots)
 
     # -- inputs ----------------------------------------------------------------------
 
-    def impression(self, imp: Impression, now_ms: int) -> list[Output]:
-        """Open the window of ``imp`` (or resolve it now if it is already closed)."""
-        self.counters.impressions += 1
-        self._observe("impression", imp.event_time, now_ms)
-        key = (imp.request_id, imp.item_id)
-        out: list[Output] = []
-        if key in self._pending or key in self._done:
-            self.counters.duplicate_impressions += 1
-            return self.advance(now_ms)
-        pending = _Pending(imp.user_id, imp.event_time, self._hash_features(imp))
-        self._pending[key] = pending
-        end = imp.event_time + self.config.window_ms
-        for click, _origin in self._orphans.pop(key, []):
-            if key in self._pending:
-                self._click_on_pending(key, pending, click, out)
-            else:
-                self.counters.duplicate_clicks += 1  # a second click after the positive
-        if key in self._pending:
-            if self.watermark is not None and end < self.watermark:
-                self.counters.late_impressions += 1  # closes in advance() below
-            heapq.heappush(self._closing, (end, key))
-        return out + self.advance(now_ms)
-
-    def click(self, click: Click, origin: Origin, now_ms: int) -> list[Output]:
-        """Match ``click`` with its impression, or hold it until the watermark passes it."""
-        self.counters.clicks += 1
-        self._observe("click", click.event_time, now_ms)
-        key = (click.request_id, click.item_id)
-        out: list[Output] = []
-        if key in self._pending:
-            self._click_on_pending(key, self._pending[key], click, out)
-        elif key in self._done:
-            done = self._done[key]
-            if done.kind == Kind.POSITIVE or done.late:
-                self.counters.duplicate_clicks += 1
-            else:
-                done.late = True
-                self.counters.late_clicks += 1
-                if self.config.late_corrections:
-                    self._emit(key, done.user_id, Kind.CORRECTION, done.time, done.ids, out)
-        else:
-            self._orphans.setdefault(key, []).append((click, origin))
-            heapq.heappush(self._orphan_due, (click.event_time, key))
-        return out + self.advance(now_ms)
-
-    def advance(self, now_ms: int) -> list[Output]:
-        """Move the watermark (events and idle time) and close what it passed."""
+    def process(self, batch: EventBatch, now_ms: int) -> JoinResult:
+        """Join a batch of events (in arrival order), then close what the watermark passed."""
+        self._out = _Collector(self.num_slots)
+        n = len(batch)
+        if n:
+            nclick = int(batch.click.sum())
+            self.counters.clicks += nclick
+            self.counters.impressions += n - nclick
+            before = self._watermarks(batch, now_ms)
+            self._join(batch, before)
         self._update_watermark(now_ms)
-        wm = self.watermark
-        out: list[Output] = []
-        if wm is None:
-            return out
-        while self._closing and self._closing[0][0] < wm:
-            _, key = heapq.heappop(self._closing)
-            pending = self._pending.pop(key, None)
-            if pending is not None:
-                self._close(key, pending, out)
-        while self._orphan_due and self._orphan_due[0][0] < wm:
-            _, key = heapq.heappop(self._orphan_due)
-            for click, origin in self._orphans.pop(key, []):
-                self.counters.orphan_clicks += 1
-                out.append(OrphanClick(click, origin))
-        while self._expiry and self._expiry[0][0] < wm:
-            _, key = heapq.heappop(self._expiry)
-            done = self._done.get(key)
-            if done is not None and self._expires(done) < wm:
-                del self._done[key]
-        return out
+        self._fire()
+        return self._out.result()
+
+    def advance(self, now_ms: int) -> JoinResult:
+        """Move the watermark (idle time) and close what it passed."""
+        return self.process(_EMPTY_BATCH, now_ms)
 
     def mark_busy(self, stream: str, now_ms: int) -> None:
         """Say ``stream`` (``impression`` or ``click``) has unread input: it is not idle.
@@ -203,192 +195,501 @@ class PartitionJoiner:
         joiner that is slow to fetch after a restart would advance the watermark by
         wall time and close windows whose clicks are still waiting in the topic.
         """
-        s = self._streams[stream]
-        s.last_wall = max(s.last_wall, now_ms)
+        s = IMP if stream == "impression" else CLK
+        self.last_wall[s] = max(self.last_wall[s], now_ms)
 
-    def recover_emitted(self, key_hash: int, kind: Kind, event_time: int) -> None:
-        """Record that a sample of ``kind`` for ``key_hash`` is already on the topic.
+    def recover_emitted(self, key_hashes: U64, kinds: npt.ArrayLike, times: npt.ArrayLike) -> None:
+        """Record that samples of ``kinds`` for ``key_hashes`` are already on the topic.
 
-        Used after a crash: re-emitting it while replaying input is suppressed, so
-        every key gets one primary sample (the first decision stands) and at most
-        one correction. Forgotten once the key would have left the dedup memory.
+        Used after a crash: re-emitting them while replaying input is suppressed, so
+        every key gets one primary sample (the first decision stands) and at most one
+        correction. Forgotten once the key would have left the dedup memory.
         """
-        kinds, expires = self._recovered.get(key_hash, (set(), 0))
-        kinds.add(int(kind))
-        expires = max(expires, event_time + self.config.window_ms + self.config.retention_ms)
-        self._recovered[key_hash] = (kinds, expires)
+        keys = np.asarray(key_hashes, dtype=np.uint64)
+        if not len(keys):
+            return
+        bits = (np.uint8(1) << np.asarray(kinds, dtype=np.uint8)).astype(np.uint8)
+        times = np.asarray(times, dtype=np.int64)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        ubits = np.zeros(len(uniq), dtype=np.uint8)
+        np.bitwise_or.at(ubits, inverse, bits)
+        utimes = np.full(len(uniq), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(utimes, inverse, times)
+        t = self.table
+        rows = t.index.lookup(uniq)
+        new = rows < 0
+        if new.any():
+            fresh = t.alloc(uniq[new])
+            t.status[fresh] = NONE
+            t.time[fresh] = np.iinfo(np.int64).min
+            rows[new] = fresh
+        bump = (t.status[rows] == NONE) & (utimes > t.time[rows])
+        if bump.any():
+            t.time[rows[bump]] = utimes[bump]
+            self._push(self._expiry, utimes[bump] + self._keep_ms, rows[bump])
+        t.emitted[rows] |= ubits
+        t.dirty[rows] = True
+
+    # -- per-event helpers (tests, small tools) ------------------------------------------
+
+    def impression(self, imp: Impression, now_ms: int) -> list[Output]:
+        """Join one impression; the outputs as objects."""
+        return self.outputs(self.process(impression_batch([imp], self.config), now_ms))
+
+    def click(self, click: Click, origin: Origin, now_ms: int) -> list[Output]:
+        """Join one click; the outputs as objects."""
+        return self.outputs(self.process(click_batch([click], [origin]), now_ms))
+
+    def tick(self, now_ms: int) -> list[Output]:
+        """:meth:`advance`, the outputs as objects."""
+        return self.outputs(self.advance(now_ms))
+
+    def outputs(self, result: JoinResult) -> list[Output]:
+        """Samples of ``result`` as :class:`Joined` objects, then its orphan clicks."""
+        s = result.samples
+        labels, weights = s.labels_weights(self.config.negative_rate)
+        slots = self.config.slots.slots
+        out: list[Output] = []
+        for r in range(len(s)):
+            ids = {slots[c]: int(s.ids[r, c]) for c in range(self.num_slots) if s.present[r, c]}
+            kind = Kind(int(s.kind[r]))
+            out.append(
+                Joined(
+                    int(s.key[r]),
+                    int(s.user[r]),
+                    kind,
+                    float(labels[r]),
+                    float(weights[r]),
+                    int(s.time[r]),
+                    ids,
+                )
+            )
+        return [*out, *result.orphans]
 
     # -- inspection --------------------------------------------------------------------
 
     @property
     def pending_count(self) -> int:
         """Impressions whose window is open."""
-        return len(self._pending)
+        return int((self.table.status == PENDING).sum())
 
     @property
     def orphan_count(self) -> int:
         """Keys with clicks waiting for an impression."""
-        return len(self._orphans)
+        return len(self.orphans)
 
-    # -- internals ----------------------------------------------------------------------
+    @property
+    def remembered_count(self) -> int:
+        """Rows held: open windows, closed keys, waiting clicks, replay marks."""
+        return self.table.rows_used
 
-    def _hash_features(self, imp: Impression) -> dict[str, int]:
-        # hash64(slot, value) for str values, with the slot prefixes computed once
-        prefixes, digest = self._prefixes, xxhash.xxh64_intdigest
-        ids: dict[str, int] = {}
-        for slot, value in imp.features.items():
-            prefix = prefixes.get(slot)
-            if prefix is None:
-                self.counters.unknown_features += 1
-            else:
-                ids[slot] = digest(prefix + value.encode("utf-8"), HASH_SEED)
-        for slot, value in (("user_id", imp.user_id), ("item_id", imp.item_id)):
-            if slot in prefixes and slot not in ids:
-                ids[slot] = hash64(slot, value)
-        return ids
+    @property
+    def _keep_ms(self) -> int:
+        return self.config.window_ms + self.config.retention_ms
 
-    def _click_on_pending(
-        self, key: JoinKey, pending: _Pending, click: Click, out: list[Output]
-    ) -> None:
-        if pending.clicked:
-            self.counters.duplicate_clicks += 1
-        elif click.event_time <= pending.time + self.config.window_ms:
-            if self.config.positives_at_close:
-                pending.clicked = True
-                return
-            del self._pending[key]
-            self._emit(key, pending.user_id, Kind.POSITIVE, pending.time, pending.ids, out)
-            self._remember(key, _Done(Kind.POSITIVE, pending.time))
-        elif pending.late:
-            self.counters.duplicate_clicks += 1
-        else:
-            pending.late = True
-            self.counters.late_clicks += 1
+    # -- the watermark -------------------------------------------------------------------
 
-    def _close(self, key: JoinKey, pending: _Pending, out: list[Output]) -> None:
-        if pending.clicked:
-            self._emit(key, pending.user_id, Kind.POSITIVE, pending.time, pending.ids, out)
-            self._remember(key, _Done(Kind.POSITIVE, pending.time))
-            return
-        keep = keep_negative(key, self.config.negative_rate)
-        if keep:
-            self._emit(key, pending.user_id, Kind.NEGATIVE, pending.time, pending.ids, out)
-        else:
-            self.counters.negatives_dropped += 1
-        done = _Done(Kind.NEGATIVE if keep else _DROPPED, pending.time, pending.late)
-        if self.config.late_corrections:
-            done.user_id, done.ids = pending.user_id, pending.ids
-            if pending.late:
-                self._emit(key, pending.user_id, Kind.CORRECTION, pending.time, pending.ids, out)
-        self._remember(key, done)
-
-    def _emit(
-        self,
-        key: JoinKey,
-        user_id: str,
-        kind: Kind,
-        time: int,
-        ids: dict[str, int],
-        out: list[Output],
-    ) -> None:
-        key_hash = join_key_hash(key)
-        seen = self._recovered.get(key_hash, (set(), 0))[0]
-        primary = kind != Kind.CORRECTION
-        if (primary and seen & {Kind.NEGATIVE, Kind.POSITIVE}) or (kind in seen):
-            self.counters.replay_suppressed += 1
-            return
-        if kind == Kind.NEGATIVE:
-            self.counters.negatives += 1
-            label, weight = 0.0, 1.0 / self.config.negative_rate
-        else:
-            if kind == Kind.POSITIVE:
-                self.counters.positives += 1
-            else:
-                self.counters.corrections += 1
-            label, weight = 1.0, 1.0
-        out.append(Joined(key, key_hash, user_id, kind, label, weight, time, ids))
-
-    def _remember(self, key: JoinKey, done: _Done) -> None:
-        self._done[key] = done
-        heapq.heappush(self._expiry, (self._expires(done), key))
-
-    def _expires(self, done: _Done) -> int:
-        return done.time + self.config.window_ms + self.config.retention_ms
-
-    def _observe(self, stream: str, event_time: int, now_ms: int) -> None:
+    def _watermarks(self, b: EventBatch, now: int) -> I64:
+        """The watermark before each event (``_NO_WM`` for none); updates stream state."""
+        n = len(b)
+        idle = self.config.idle_ms
         if not self._woken:
             # The first event after a (re)start: the other stream gets idle_ms from now to
             # show up, not from when the partition was assigned (fetches start unevenly).
             self._woken = True
-            for other in self._streams.values():
-                other.last_wall = now_ms
-        s = self._streams[stream]
-        s.max_time = event_time if s.max_time is None else max(s.max_time, event_time)
-        s.last_wall = now_ms
+            self.last_wall = [now, now]
+        runs, seen, active = [], [], []
+        for s, mine in ((IMP, ~b.click), (CLK, b.click)):
+            start = self.max_time[s]
+            t = np.where(mine, b.time, _NO_WM)
+            if start is not None:
+                t[0] = max(int(t[0]), start)
+            run = np.maximum.accumulate(t)
+            runs.append(run)
+            seen.append(run != _NO_WM)
+            act = np.logical_or.accumulate(mine)
+            if now - self.last_wall[s] < idle:
+                act = np.ones(n, dtype=bool)
+            active.append(act)
+            if mine.any():
+                self.max_time[s] = int(run[-1])
+                self.last_wall[s] = now
+        both = active[IMP] & active[CLK]
+        cand = np.where(both, np.minimum(runs[IMP], runs[CLK]), _NO_WM)
+        valid = np.where(both, seen[IMP] & seen[CLK], False)
+        for s in (IMP, CLK):
+            alone = active[s] & ~active[1 - s]
+            cand = np.where(alone, runs[s], cand)
+            valid |= alone & seen[s]
+        cand = np.where(valid, cand - self.config.lateness_ms, _NO_WM)
+        start = _NO_WM if self.watermark is None else self.watermark
+        after = np.maximum.accumulate(np.concatenate([[start], cand]))
+        last = int(after[-1])
+        self.watermark = None if last == _NO_WM else last
+        return after[:-1]
 
     def _update_watermark(self, now_ms: int) -> None:
+        """The watermark from stream state and the wall clock alone (idle advance)."""
         idle_ms = self.config.idle_ms
-        active = [s for s in self._streams.values() if now_ms - s.last_wall < idle_ms]
-        if any(s.max_time is None for s in active):
+        active = [s for s in (IMP, CLK) if now_ms - self.last_wall[s] < idle_ms]
+        if any(self.max_time[s] is None for s in active):
             return  # a live stream has not shown its position yet
         if active:
-            candidate = min(s.max_time for s in active if s.max_time is not None)
+            candidate = min(int(self.max_time[s] or 0) for s in active)
         else:
-            seen = [s for s in self._streams.values() if s.max_time is not None]
+            seen = [s for s in (IMP, CLK) if self.max_time[s] is not None]
             if not seen:
                 return
-            last = max(s.last_wall for s in seen)
-            candidate = max(s.max_time for s in seen if s.max_time is not None)
-            candidate += now_ms - last
+            last = max(self.last_wall[s] for s in seen)
+            candidate = max(int(self.max_time[s] or 0) for s in seen) + now_ms - last
         candidate -= self.config.lateness_ms
         if self.watermark is None or candidate > self.watermark:
             self.watermark = candidate
 
-    # -- state ---------------------------------------------------------------------------
+    # -- joining --------------------------------------------------------------------------
 
-    def to_state(self) -> dict[str, Any]:
-        """JSON-able state; replay records the watermark has passed are dropped here."""
-        wm = self.watermark
-        if wm is not None:
-            self._recovered = {h: r for h, r in self._recovered.items() if r[1] >= wm}
-        return {
-            "watermark": self.watermark,
-            "streams": {n: s.max_time for n, s in self._streams.items()},
-            "counters": asdict(self.counters),
-            "pending": [
-                [*k, p.user_id, p.time, p.ids, p.late, p.clicked] for k, p in self._pending.items()
-            ],
-            "done": [[*k, d.kind, d.time, d.late, d.user_id, d.ids] for k, d in self._done.items()],
-            "orphans": [
-                [c.request_id, c.user_id, c.item_id, c.event_time, o.to_json()]
-                for clicks in self._orphans.values()
-                for c, o in clicks
-            ],
-            "recovered": [[h, sorted(r[0]), r[1]] for h, r in self._recovered.items()],
-        }
+    def _join(self, b: EventBatch, before: I64) -> None:
+        t, w = self.table, self.config.window_ms
+        n = len(b)
+        order = np.argsort(b.key, kind="stable")
+        sk = b.key[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = sk[1:] != sk[:-1]
+        group = np.cumsum(first) - 1
+        counts = np.bincount(group)
+        single = np.empty(n, dtype=bool)
+        single[order] = counts[group] == 1
+        rows_u = t.index.lookup(sk[first])
+        row = np.empty(n, dtype=np.int32)
+        row[order] = rows_u[group]
+        safe = np.maximum(row, 0)
+        status = np.where(row >= 0, t.status[safe], FREE)
+        fast_imp = single & ~b.click & (row < 0)
+        fast_clk = (
+            single
+            & b.click
+            & (status == PENDING)
+            & ((t.flags[safe] & CLICKED) == 0)
+            & ~(t.time[safe] + w < before)
+        )
+        if fast_clk.any():
+            self._clicks_on_open(row[fast_clk], b.time[fast_clk])
+        if fast_imp.any():
+            self._open(b, np.flatnonzero(fast_imp), before)
+        slow = ~(fast_imp | fast_clk)
+        if slow.any():
+            self._slow(b, before, order[slow[order]])
 
-    @classmethod
-    def from_state(
-        cls, config: JoinConfig, state: Mapping[str, Any], now_ms: int
-    ) -> PartitionJoiner:
-        """Rebuild a joiner (indexes included); streams count as live from ``now_ms``."""
-        j = cls(config, now_ms)
-        j.watermark = state["watermark"]
-        for name, max_time in state["streams"].items():
-            j._streams[name].max_time = max_time
-        j.counters = Counters(**state["counters"])
-        for rid, iid, user, time, ids, late, *clicked in state["pending"]:
-            # checkpoints written before positives_at_close have no clicked flag
-            j._pending[(rid, iid)] = _Pending(
-                user, time, dict(ids), late, bool(clicked and clicked[0])
-            )
-            heapq.heappush(j._closing, (time + config.window_ms, (rid, iid)))
-        for rid, iid, kind, time, late, user, ids in state["done"]:
-            j._remember((rid, iid), _Done(kind, time, late, user, dict(ids)))
-        for rid, user, iid, time, origin in state["orphans"]:
-            j._orphans.setdefault((rid, iid), []).append(
-                (Click(rid, user, iid, time), Origin.from_json(origin))
-            )
-            heapq.heappush(j._orphan_due, (time, (rid, iid)))
-        j._recovered = {h: (set(kinds), exp) for h, kinds, exp in state["recovered"]}
-        return j
+    def _open(self, b: EventBatch, ev: I64, before: I64) -> None:
+        """New impressions of keys with no state: open their windows."""
+        t, w = self.table, self.config.window_ms
+        rows = t.alloc(b.key[ev])
+        self._set_pending(rows, b, ev)
+        ends = b.time[ev] + w
+        self.counters.late_impressions += int((ends < before[ev]).sum())
+        self._push(self._closing, ends, rows)
+
+    def _set_pending(self, rows: npt.NDArray[np.int32], b: EventBatch, ev: I64) -> None:
+        t = self.table
+        t.status[rows] = PENDING
+        t.time[rows] = b.time[ev]
+        t.user[rows] = b.user[ev]
+        t.flags[rows] = np.where(b.keep[ev], KEEP, 0).astype(np.uint8)
+        t.set_features(rows, b.ids[ev], b.present[ev])
+        t.dirty[rows] = True
+        self.counters.unknown_features += int(b.unknown[ev].sum())
+
+    def _clicks_on_open(self, rows: npt.NDArray[np.int32], times: I64) -> None:
+        """First clicks (in this batch) on open, not yet clicked windows."""
+        t, w = self.table, self.config.window_ms
+        inside = times <= t.time[rows] + w
+        outside = rows[~inside]
+        if len(outside):
+            late = (t.flags[outside] & LATE) != 0
+            self.counters.duplicate_clicks += int(late.sum())
+            self.counters.late_clicks += int((~late).sum())
+            t.flags[outside] |= LATE
+            t.dirty[outside] = True
+        hits = rows[inside]
+        if not len(hits):
+            return
+        if self.config.positives_at_close:
+            t.flags[hits] |= CLICKED
+            t.dirty[hits] = True
+            return
+        self._emit(hits, np.full(len(hits), Kind.POSITIVE, dtype=np.uint8))
+        self._finish(hits, np.full(len(hits), Kind.POSITIVE, dtype=np.uint8))
+
+    def _emit(self, rows: npt.NDArray[np.int32], kinds: npt.NDArray[np.uint8]) -> None:
+        """Emit samples of ``kinds`` for ``rows``, except those already on the topic."""
+        t = self.table
+        em = t.emitted[rows]
+        primary = kinds != Kind.CORRECTION
+        done_before = np.where(primary, (em & _PRIMARY) != 0, (em & (1 << Kind.CORRECTION)) != 0)
+        c = self.counters
+        c.replay_suppressed += int(done_before.sum())
+        rows, kinds = rows[~done_before], kinds[~done_before]
+        if not len(rows):
+            return
+        c.negatives += int((kinds == Kind.NEGATIVE).sum())
+        c.positives += int((kinds == Kind.POSITIVE).sum())
+        c.corrections += int((kinds == Kind.CORRECTION).sum())
+        ids, present = t.features(rows)
+        self._out.parts.append(
+            Samples(t.key[rows], kinds, t.time[rows], t.user[rows], ids, present)
+        )
+
+    def _finish(self, rows: npt.NDArray[np.int32], kinds: npt.NDArray[np.uint8]) -> None:
+        """Rows whose window is decided: remembered as closed until retention ends."""
+        t = self.table
+        t.status[rows] = DONE
+        t.kind[rows] = kinds
+        t.dirty[rows] = True
+        if self.config.late_corrections:
+            # only an unclicked key can still get a correction: it keeps its features
+            t.drop_features(rows[kinds == Kind.POSITIVE])
+        else:
+            t.drop_features(rows)
+        self._push(self._expiry, t.time[rows] + self._keep_ms, rows)
+
+    def _close(self, rows: npt.NDArray[np.int32]) -> None:
+        """Close open windows (in the given order): positives held for the close or
+        negatives (downsampled), then corrections of late clicks."""
+        if not len(rows):
+            return
+        t = self.table
+        flags = t.flags[rows]
+        clicked = (flags & CLICKED) != 0
+        keep = (flags & KEEP) != 0
+        kinds = np.where(clicked, Kind.POSITIVE, np.where(keep, Kind.NEGATIVE, DROPPED))
+        kinds = kinds.astype(np.uint8)
+        self.counters.negatives_dropped += int((kinds == DROPPED).sum())
+        emit = kinds != DROPPED
+        self._emit(rows[emit], kinds[emit])
+        if self.config.late_corrections:
+            late = rows[~clicked & ((flags & LATE) != 0)]
+            self._emit(late, np.full(len(late), Kind.CORRECTION, dtype=np.uint8))
+        self._finish(rows, kinds)
+
+    def _push(self, queue: TimerQueue, due: Any, rows: Any) -> None:
+        rows32 = np.asarray(rows, dtype=np.int32)
+        queue.push(np.asarray(due, dtype=np.int64), rows32, self.table.gen[rows32])
+
+    # -- the per-key path ------------------------------------------------------------------
+
+    def _slow(self, b: EventBatch, before: I64, events: I64) -> None:
+        """Events of keys that need a look one event at a time (grouped by key, in order)."""
+        t = self.table
+        keys = b.key[events]
+        rows = t.index.lookup(keys)
+        wm = before[events].tolist()
+        row = -1
+        last_key = None
+        for j, i in enumerate(events.tolist()):
+            k = int(keys[j])
+            if k != last_key:
+                last_key, row = k, int(rows[j])
+            row = self._catch_up(row, wm[j])
+            if b.click[i]:
+                row = self._slow_click(b, i, k, row)
+            else:
+                row = self._slow_impression(b, i, k, row, wm[j])
+
+    def _catch_up(self, row: int, wm: int) -> int:
+        """Apply to ``row`` what the watermark ``wm`` has done to it; -1 once freed."""
+        if row < 0:
+            return row
+        t = self.table
+        r = np.array([row], dtype=np.int32)
+        if t.status[row] == PENDING and t.time[row] + self.config.window_ms < wm:
+            self._close(r)
+        waiting = self.orphans.get(row)
+        if waiting and min(c.click.event_time for c in waiting) < wm:
+            self._dead_letter(row)
+            if t.status[row] == FREE:
+                return -1
+        if t.status[row] in (DONE, NONE) and t.time[row] + self._keep_ms < wm:
+            t.emitted[row] = 0
+            if t.status[row] == DONE or row not in self.orphans:
+                t.release(r)
+                return -1
+        if t.status[row] == NONE and not t.emitted[row] and row not in self.orphans:
+            t.release(r)
+            return -1
+        return row
+
+    def _slow_impression(self, b: EventBatch, i: int, k: int, row: int, wm: int) -> int:
+        t, c = self.table, self.counters
+        if row >= 0 and t.status[row] in (PENDING, DONE):
+            c.duplicate_impressions += 1
+            return row
+        if row < 0:
+            row = int(t.alloc(np.array([k], dtype=np.uint64))[0])
+        r = np.array([row], dtype=np.int32)
+        self._set_pending(r, b, np.array([i]))
+        end = int(b.time[i]) + self.config.window_ms
+        if end < wm:
+            c.late_impressions += 1
+        for waiting in self.orphans.pop(row, []):
+            if t.status[row] == PENDING:
+                self._click_on_pending(row, waiting.click.event_time)
+            else:
+                c.duplicate_clicks += 1  # a second click after the positive
+        if t.status[row] == PENDING:
+            self._push(self._closing, [end], [row])
+        return row
+
+    def _slow_click(self, b: EventBatch, i: int, k: int, row: int) -> int:
+        t, c = self.table, self.counters
+        status = t.status[row] if row >= 0 else FREE
+        if status == PENDING:
+            self._click_on_pending(row, int(b.time[i]))
+        elif status == DONE:
+            if t.kind[row] == Kind.POSITIVE or t.flags[row] & LATE:
+                c.duplicate_clicks += 1
+            else:
+                t.flags[row] |= LATE
+                t.dirty[row] = True
+                c.late_clicks += 1
+                if self.config.late_corrections:
+                    self._emit(np.array([row], np.int32), np.array([Kind.CORRECTION], np.uint8))
+        else:
+            if row < 0:
+                row = int(t.alloc(np.array([k], dtype=np.uint64))[0])
+                t.status[row] = NONE
+            self.orphans.setdefault(row, []).append(b.orphan(i))
+            t.dirty[row] = True
+            self._push(self._orphan_due, [int(b.time[i])], [row])
+        return row
+
+    def _click_on_pending(self, row: int, when: int) -> None:
+        t, c = self.table, self.counters
+        flags = int(t.flags[row])
+        if flags & CLICKED:
+            c.duplicate_clicks += 1
+        elif when <= t.time[row] + self.config.window_ms:
+            r = np.array([row], dtype=np.int32)
+            if self.config.positives_at_close:
+                t.flags[row] |= CLICKED
+                t.dirty[row] = True
+                return
+            pos = np.array([Kind.POSITIVE], dtype=np.uint8)
+            self._emit(r, pos)
+            self._finish(r, pos)
+        elif flags & LATE:
+            c.duplicate_clicks += 1
+        else:
+            t.flags[row] |= LATE
+            t.dirty[row] = True
+            c.late_clicks += 1
+
+    def _dead_letter(self, row: int) -> None:
+        """Every click waiting on ``row`` becomes an orphan; the row goes if nothing holds it."""
+        t = self.table
+        for waiting in self.orphans.pop(row, []):
+            self.counters.orphan_clicks += 1
+            self._out.orphans.append(waiting)
+        t.dirty[row] = True
+        if t.status[row] == NONE and not t.emitted[row]:
+            t.release(np.array([row], dtype=np.int32))
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _fire(self) -> None:
+        """Close windows, dead-letter orphans and forget keys the watermark passed."""
+        if self.watermark is None:
+            return
+        wm, t, w = self.watermark, self.table, self.config.window_ms
+        due, rows, gens = self._closing.pop(wm)
+        ok = (t.gen[rows] == gens) & (t.status[rows] == PENDING) & (t.time[rows] + w == due)
+        due, rows = due[ok], rows[ok]
+        if len(rows):
+            order = np.lexsort((t.key[rows], due))  # window-end order, ties by key
+            self._close(rows[order])
+        due, rows, gens = self._orphan_due.pop(wm)
+        ok = (t.gen[rows] == gens) & (t.status[rows] == NONE)
+        for row in dict.fromkeys(rows[ok].tolist()):
+            if row in self.orphans:
+                self._dead_letter(row)
+        due, rows, gens = self._expiry.pop(wm)
+        status = t.status[rows]
+        ok = (t.gen[rows] == gens) & ((status == DONE) | (status == NONE))
+        ok &= t.time[rows] + self._keep_ms == due
+        rows = rows[ok]
+        if len(rows):
+            rows = np.unique(rows)
+            waiting = np.array([r in self.orphans for r in rows.tolist()], dtype=bool)
+            if waiting.any():  # marks expire, the clicks still wait for their impression
+                t.emitted[rows[waiting]] = 0
+                t.dirty[rows[waiting]] = True
+            t.release(rows[~waiting])
+
+
+def impression_batch(imps: Sequence[Impression], config: JoinConfig) -> EventBatch:
+    """An :class:`EventBatch` of impression objects (hashing in Python: for tests and tools)."""
+    slots = config.slots.slots
+    n, s = len(imps), len(slots)
+    ids = np.zeros((n, s), dtype=np.uint64)
+    present = np.zeros((n, s), dtype=bool)
+    unknown = np.zeros(n, dtype=np.int64)
+    index = {name: j for j, name in enumerate(slots)}
+    for r, imp in enumerate(imps):
+        for slot, value in imp.features.items():
+            j = index.get(slot)
+            if j is None:
+                unknown[r] += 1
+            else:
+                ids[r, j], present[r, j] = hash64(slot, value), True
+        for slot, value in (("user_id", imp.user_id), ("item_id", imp.item_id)):
+            j = index.get(slot)
+            if j is not None and not present[r, j]:
+                ids[r, j], present[r, j] = hash64(slot, value), True
+    keys = [(imp.request_id, imp.item_id) for imp in imps]
+
+    def no_orphan(i: int) -> OrphanClick:
+        raise AssertionError("impressions are never orphans")
+
+    return EventBatch(
+        click=np.zeros(n, dtype=bool),
+        time=np.array([imp.event_time for imp in imps], dtype=np.int64),
+        key=np.array([join_key_hash(k) for k in keys], dtype=np.uint64),
+        user=np.array([hash64("user_id", imp.user_id) for imp in imps], dtype=np.uint64),
+        keep=np.array([keep_negative(k, config.negative_rate) for k in keys], dtype=bool),
+        ids=ids,
+        present=present,
+        unknown=unknown,
+        orphan=no_orphan,
+    )
+
+
+def click_batch(clicks: Sequence[Click], origins: Sequence[Origin]) -> EventBatch:
+    """An :class:`EventBatch` of click objects with their origins (for tests and tools)."""
+    n = len(clicks)
+    return EventBatch(
+        click=np.ones(n, dtype=bool),
+        time=np.array([c.event_time for c in clicks], dtype=np.int64),
+        key=np.array([join_key_hash((c.request_id, c.item_id)) for c in clicks], np.uint64),
+        user=np.zeros(n, dtype=np.uint64),
+        keep=np.zeros(n, dtype=bool),
+        ids=np.zeros((n, 0), dtype=np.uint64),
+        present=np.zeros((n, 0), dtype=bool),
+        unknown=np.zeros(n, dtype=np.int64),
+        orphan=lambda i: OrphanClick(clicks[i], origins[i]),
+    )
+
+
+def _no_orphan(i: int) -> OrphanClick:
+    raise AssertionError("an empty batch has no clicks")
+
+
+_EMPTY_BATCH = EventBatch(
+    click=np.zeros(0, dtype=bool),
+    time=np.zeros(0, dtype=np.int64),
+    key=np.zeros(0, dtype=np.uint64),
+    user=np.zeros(0, dtype=np.uint64),
+    keep=np.zeros(0, dtype=bool),
+    ids=np.zeros((0, 0), dtype=np.uint64),
+    present=np.zeros((0, 0), dtype=bool),
+    unknown=np.zeros(0, dtype=np.int64),
+    orphan=_no_orphan,
+)

@@ -1,12 +1,19 @@
 """The confluent-kafka engine of the joiner: consume, join, produce, checkpoint.
 
 One consumer in group ``<prefix><app_id>`` reads both input topics with the range
-assignor, which hands out partition ``p`` of impressions and clicks together. Per
-input partition the state lives in a :class:`ChangelogStore` checkpoint with the
-input offsets it covers, written every ``checkpoint_interval_s`` after the outputs
-it accounts for are flushed. A restarted joiner loads the checkpoint, reads what it
-emitted after it (``samples`` and ``samples.dlq`` from the recorded positions) so
-those are not emitted twice, and replays its input from the checkpoint's offsets.
+assignor, which hands out partition ``p`` of impressions and clicks together. Each
+poll (up to ``poll_size`` messages) is joined in bulk by :class:`JoinEngine`.
+
+Checkpoints are incremental and do not stop consumption: every
+``checkpoint_interval_s`` a *round* cuts each partition's state at that point (its
+changed rows as a delta, the input offsets it covers), queues the deltas on the
+producer and returns to consuming. The round completes in the background: once
+every output produced before the cut and every delta chunk is delivered, it writes
+each partition's manifest (the delta chain and the output positions at the cut), and
+once those are delivered it commits the offsets (for lag only). A restarted joiner
+loads the newest complete checkpoint, reads what it emitted after it (``samples``
+and ``samples.dlq`` from the recorded positions) so those are not emitted twice,
+and replays its input from the checkpoint's offsets.
 """
 
 from __future__ import annotations
@@ -15,11 +22,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
-from pipeline.joiner.checkpoint import ChangelogStore, ensure_compacted_topic, recover_outputs
+from pipeline.joiner.checkpoint import (
+    CHUNK_BYTES,
+    ChangelogStore,
+    ensure_compacted_topic,
+    recover_outputs,
+)
 from pipeline.joiner.engine import JoinEngine, OutRecord, Topics
 from pipeline.joiner.logic import Counters, JoinConfig
 from pipeline.joiner.output import SampleBatcher
@@ -59,6 +72,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+POLL_SIZE = 10_000  # messages per poll: the bulk decode amortises its per-call cost
+
+
+@dataclass
+class _Round:
+    """One checkpoint round: cut, then completed as deliveries come back."""
+
+    parts: list[int]
+    targets: dict[tuple[str, int], int]  # outputs produced before the cut, per partition
+    positions: dict[tuple[str, int], int]  # output positions at the cut, once delivered
+    chains: dict[int, list[int]]  # per input partition: the deltas its manifest names
+    offsets: list[Any]  # TopicPartitions to commit once durable
+    outstanding: int = 0  # changelog messages not yet delivered
+    manifests_left: int = -1  # -1: not written yet
+    started: float = field(default_factory=time.monotonic)
+
+
 class JoinRunner:
     """Runs the join until ``stop`` is set; at-least-once with replay dedup (docs/joiner.md)."""
 
@@ -75,10 +105,16 @@ class JoinRunner:
         self.group_id = prefix + settings.app_id
         self.changelog_topic = f"{prefix}{settings.app_id}.changelog"
         self.clock = clock
+        self.poll_size = POLL_SIZE
         self.engine: JoinEngine | None = None
         self._out_pos: dict[tuple[str, int], int] = {}
+        self._produced: dict[tuple[str, int], int] = {}  # output messages, per partition
+        self._delivered: dict[tuple[str, int], int] = {}
+        self._rounds: list[_Round] = []
         self._errors: list[str] = []
         self._callback_error: Exception | None = None
+        self.round_ms: list[float] = []  # how long each round held up consumption
+        self.completed_ms: list[float] = []  # cut to durable manifest, per round
 
     # -- setup -------------------------------------------------------------------------
 
@@ -108,8 +144,9 @@ class JoinRunner:
             n_samples,
             self.settings.batch_size,
             self.settings.linger_ms,
+            self.settings.negative_rate,
         )
-        self.engine = JoinEngine(join_config(self.settings), t, batcher)
+        self.engine = JoinEngine(join_config(self.settings), t, batcher, n_dlq)
         # Lower bounds of where this process's output can land (ListOffsets may be low).
         for topic, count in ((t.samples, n_samples), (t.dlq, n_dlq)):
             for q in range(count):
@@ -126,12 +163,34 @@ class JoinRunner:
             return
         key = (msg.topic(), msg.partition())
         self._out_pos[key] = max(self._out_pos.get(key, 0), msg.offset() + 1)
+        done = self._delivered[key] = self._delivered.get(key, 0) + 1
+        for r in self._rounds:
+            if r.targets.get(key) == done:
+                r.positions[key] = msg.offset() + 1
+
+    def _on_changelog(self, r: _Round) -> Callable[[Any, Any], None]:
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self._errors.append(f"{msg.topic()}: {err}")
+            r.outstanding -= 1
+
+        return delivered
+
+    def _on_manifest(self, r: _Round) -> Callable[[Any, Any], None]:
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self._errors.append(f"{msg.topic()}: {err}")
+            r.manifests_left -= 1
+
+        return delivered
 
     def _produce(self, prod: Any, records: Iterable[OutRecord]) -> None:
         for rec in records:
             kwargs: dict[str, Any] = {"key": rec.key, "headers": rec.headers or None}
             if rec.partition is not None:
                 kwargs["partition"] = rec.partition
+                tp = (rec.topic, rec.partition)
+                self._produced[tp] = self._produced.get(tp, 0) + 1
             while True:
                 try:
                     prod.produce(rec.topic, rec.value, on_delivery=self._on_delivery, **kwargs)
@@ -144,38 +203,94 @@ class JoinRunner:
         if prod.flush(60) or self._errors:
             raise PipelineError(f"producing joiner output failed: {self._errors[:3] or 'timeout'}")
 
-    def _outputs(self) -> dict[str, dict[str, int]]:
+    def _outputs(self, positions: dict[tuple[str, int], int]) -> dict[str, dict[str, int]]:
         doc: dict[str, dict[str, int]] = {"samples": {}, "dlq": {}}
-        for (topic, q), pos in self._out_pos.items():
+        for (topic, q), pos in positions.items():
             doc["samples" if topic == self.topics.samples else "dlq"][str(q)] = pos
         return doc
 
-    def _checkpoint(
-        self, prod: Any, cons: Any, store: ChangelogStore, parts: Iterable[int]
+    def _start_round(
+        self, prod: Any, store: ChangelogStore, parts: Iterable[int], full: bool = False
     ) -> None:
-        """Flush outputs, then write state + offsets, then commit offsets (for lag only)."""
+        """Cut ``parts``: drain their batches, queue their deltas; the rest is async."""
         from confluent_kafka import TopicPartition
 
+        begin = time.perf_counter()
         engine = self._engine
         parts = list(parts)
         self._produce(prod, engine.drain())
-        self._flush(prod)
-        outputs = self._outputs()
+        targets = dict(self._produced)
+        positions = {
+            tp: self._out_pos.get(tp, 0)
+            for tp, n in targets.items()
+            if self._delivered.get(tp, 0) >= n
+        }
+        for tp, pos in self._out_pos.items():  # partitions this process never wrote to
+            if tp not in targets:
+                positions[tp] = pos
+        r = _Round(parts, targets, positions, {}, [])
+        self._rounds.append(r)
+        on_chunk = self._on_changelog(r)
         for p in parts:
-            store.save(prod, p, engine.checkpoint(p, outputs))
-        self._flush(prod)
-        offsets = [
-            TopicPartition(
-                self.topics.impressions if s == "impressions" else self.topics.clicks, p, o
-            )
-            for p in parts
-            for s, o in engine.positions[p].items()
-        ]
-        if offsets:
-            try:
-                cons.commit(offsets=offsets, asynchronous=True)
-            except Exception as exc:  # the checkpoint is the source of truth
-                log.warning("committing offsets failed (checkpoint is written): %s", exc)
+            seq = store.take_seq(p)
+            blob = engine.delta(p, seq, full=full)
+            oldest = engine.oldest_needed(p, seq)
+            r.outstanding += max(1, -(-len(blob) // CHUNK_BYTES)) + 1
+            r.chains[p] = store.write_delta(prod, p, seq, blob, oldest, on_chunk)
+            r.offsets += [
+                TopicPartition(
+                    self.topics.impressions if s == "impressions" else self.topics.clicks, p, o
+                )
+                for s, o in engine.positions[p].items()
+            ]
+        prod.poll(0)
+        self.round_ms.append(1000 * (time.perf_counter() - begin))
+
+    def _advance_rounds(self, prod: Any, cons: Any, store: ChangelogStore) -> None:
+        """Complete rounds in order: manifests once their inputs are durable, then commit."""
+        while self._rounds:
+            r = self._rounds[0]
+            if r.manifests_left < 0:
+                if r.outstanding > 0 or len(r.positions) < len(r.targets):
+                    return
+                outputs = self._outputs(r.positions)
+                r.manifests_left = len(r.parts)
+                for p in r.parts:
+                    store.write_manifest(prod, p, r.chains[p], outputs, self._on_manifest(r))
+                prod.poll(0)
+            if r.manifests_left > 0:
+                return
+            self._rounds.pop(0)
+            self.completed_ms.append(1000 * (time.monotonic() - r.started))
+            for p in r.parts:
+                store.forget(prod, p, r.chains[p])
+                if p in self._engine.joiners:
+                    self._engine.forget_dead_letters_before(p)
+            if r.offsets:
+                try:
+                    cons.commit(offsets=r.offsets, asynchronous=True)
+                except Exception as exc:  # the checkpoint is the source of truth
+                    log.warning("committing offsets failed (checkpoint is written): %s", exc)
+
+    def _checkpoint(
+        self,
+        prod: Any,
+        cons: Any,
+        store: ChangelogStore,
+        parts: Iterable[int],
+        full: bool = False,
+        timeout_s: float = 60.0,
+    ) -> None:
+        """A round for ``parts`` and every round before it, completed before returning."""
+        self._start_round(prod, store, parts, full)
+        deadline = time.monotonic() + timeout_s
+        while self._rounds:
+            prod.poll(0.05)
+            if self._errors:
+                raise PipelineError(f"producing joiner output failed: {self._errors[:3]}")
+            self._advance_rounds(prod, cons, store)
+            if time.monotonic() > deadline:
+                raise PipelineError(f"a checkpoint was not delivered within {timeout_s}s")
 
     @property
     def _engine(self) -> JoinEngine:
@@ -200,24 +315,24 @@ class JoinRunner:
     def _restore(self, prod: Any, cons: Any, store: ChangelogStore, parts: list[int]) -> None:
         """Take over ``parts``: load checkpoints, note output emitted after them."""
         engine, now = self._engine, self.clock()
-        blobs = store.load(parts)
-        fresh = [p for p in parts if blobs[p] is None]
+        found = store.load(parts)
+        fresh = [p for p in parts if not found[p].blobs]
         for p in fresh:
             engine.assign(p, None, now)
             engine.positions[p] = self._start_offsets(cons, p)
         if fresh:
-            self._checkpoint(prod, cons, store, fresh)  # a base to dedup against after a crash
+            # a base to dedup against after a crash, before any output
+            self._checkpoint(prod, cons, store, fresh, full=True)
             log.info("partitions %s: no checkpoint, starting fresh", fresh)
         starts: dict[int, dict[tuple[str, int], int]] = {}
         for p in parts:
-            blob = blobs[p]
-            if blob is None:
+            restored = found[p]
+            if not restored.blobs:
                 continue
-            engine.assign(p, blob, now)
-            outputs = engine.checkpoint_outputs(blob)
+            engine.assign(p, restored.blobs, now)
             starts[p] = {
                 (self.topics.samples if kind == "samples" else self.topics.dlq, int(q)): pos
-                for kind, positions in outputs.items()
+                for kind, positions in restored.outputs.items()
                 for q, pos in positions.items()
             }
             for tp, pos in starts[p].items():  # never record positions below a restored one
@@ -241,6 +356,36 @@ class JoinRunner:
                     engine.mark_busy(p, topic, now)
 
     # -- main loop ------------------------------------------------------------------------
+
+    def _handle(self, prod: Any, msgs: list[Any]) -> None:
+        """Join one poll's messages in bulk and produce what it decided."""
+        if not msgs:
+            return
+        engine = self._engine
+        good = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.fatal():
+                raise PipelineError(f"consumer failed: {err}")
+            else:
+                log.warning("consumer: %s", err)
+        parts = [m.partition() for m in good]
+        if not engine.joiners.keys() >= set(parts):
+            good = [m for m, p in zip(good, parts, strict=True) if p in engine.joiners]
+            parts = [m.partition() for m in good]
+        if not good:
+            return
+        out = engine.handle_many(
+            [m.topic() for m in good],
+            parts,
+            [m.offset() for m in good],
+            [m.key() for m in good],
+            [m.value() or b"" for m in good],
+            self.clock(),
+        )
+        self._produce(prod, out)
 
     def run(self, stop: threading.Event | None = None) -> Counters:
         """Join until ``stop`` is set, then checkpoint and return the totals."""
@@ -297,36 +442,25 @@ class JoinRunner:
         last_checkpoint = self.clock()
         try:
             while not stop.is_set():
-                msgs = cons.consume(num_messages=500, timeout=0.1)
+                msgs = cons.consume(num_messages=self.poll_size, timeout=0.1)
                 if self._callback_error is not None:
                     raise self._callback_error
-                for msg in msgs:
-                    if msg.error():
-                        if msg.error().fatal():
-                            raise PipelineError(f"consumer failed: {msg.error()}")
-                        log.warning("consumer: %s", msg.error())
-                        continue
-                    if msg.partition() not in engine.joiners:
-                        continue
-                    now = self.clock()
-                    out = engine.handle(
-                        msg.topic(),
-                        msg.partition(),
-                        msg.offset(),
-                        msg.key(),
-                        msg.value() or b"",
-                        now,
-                    )
-                    self._produce(prod, out)
+                self._handle(prod, msgs)
                 now = self.clock()
                 self._mark_lagging(cons, now)
                 self._produce(prod, engine.tick(now))
                 if self._errors:
                     self._flush(prod)
+                self._advance_rounds(prod, cons, store)
                 if now - last_checkpoint >= interval_ms and engine.joiners:
-                    self._checkpoint(prod, cons, store, list(engine.joiners))
+                    self._start_round(prod, store, list(engine.joiners))
                     last_checkpoint = now
-                    log.info("checkpoint: %s", engine.stats())
+                    log.info(
+                        "checkpoint cut in %.1f ms (%d rounds in flight): %s",
+                        self.round_ms[-1],
+                        len(self._rounds),
+                        engine.stats(),
+                    )
             counters = engine.counters()
             if engine.joiners:
                 self._checkpoint(prod, cons, store, list(engine.joiners))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import replace
 from typing import Any
@@ -17,6 +16,7 @@ from pipeline.codec.errors import CodecError
 from pipeline.codec.hashing import hash64
 from pipeline.codec.samplebatch import decode_batch
 from pipeline.codec.slots import SlotConfig
+from pipeline.joiner import delta
 from pipeline.joiner.engine import JoinEngine, Topics
 from pipeline.joiner.logic import (
     Counters,
@@ -26,6 +26,8 @@ from pipeline.joiner.logic import (
     OrphanClick,
     Output,
     PartitionJoiner,
+    Samples,
+    click_batch,
     join_key_hash,
     keep_negative,
 )
@@ -44,12 +46,21 @@ def cfg(**kw: Any) -> JoinConfig:
     return JoinConfig(**{**base, **kw})
 
 
+NAMES: dict[int, tuple[str, str]] = {}  # join key hash -> (request id, item id)
+
+
 def imp(rid: str, t: int, item: str = "i1", user: str = "u1", **features: str) -> Impression:
+    NAMES[join_key_hash((rid, item))] = (rid, item)
     return Impression(rid, user, item, t, features or {"city": "paris"})
 
 
 def clk(rid: str, t: int, item: str = "i1", user: str = "u1") -> Click:
+    NAMES[join_key_hash((rid, item))] = (rid, item)
     return Click(rid, user, item, t)
+
+
+def key_of(s: Joined) -> tuple[str, str]:
+    return NAMES[s.key_hash]
 
 
 def origin(offset: int = 0) -> Origin:
@@ -61,14 +72,14 @@ def samples(out: list[Output]) -> list[Joined]:
 
 
 def kinds(out: list[Output]) -> list[tuple[str, Kind]]:
-    return [(s.key[0], s.kind) for s in samples(out)]
+    return [(key_of(s)[0], s.kind) for s in samples(out)]
 
 
 def push_time(j: PartitionJoiner, t: int, now: int = NOW) -> list[Output]:
     """Advance both streams to event time ``t`` with a joined filler pair (left out)."""
     out = j.impression(imp(f"filler-{t}", t, item="other"), now)
     out += j.click(clk(f"filler-{t}", t, item="other"), origin(), now)
-    return [o for o in out if not (isinstance(o, Joined) and o.key[0].startswith("filler"))]
+    return [o for o in out if not (isinstance(o, Joined) and key_of(o)[0].startswith("filler"))]
 
 
 # -- join decisions -----------------------------------------------------------------------
@@ -116,10 +127,10 @@ def test_idle_streams_advance_with_wall_clock() -> None:
     j = PartitionJoiner(cfg(idle_ms=500), NOW)
     j.impression(imp("r1", 1000), NOW)
     j.click(clk("zz", 1000, item="q"), origin(), NOW)
-    assert j.advance(NOW + 499) == []  # both streams still live, wm = 990
+    assert j.tick(NOW + 499) == []  # both streams still live, wm = 990
     # both idle from NOW: wm = 1000 + elapsed - 10 must exceed 1100
-    assert j.advance(NOW + 110) == []
-    assert j.advance(NOW + 600) != []  # 1000 + 600 - 10 > 1100
+    assert j.tick(NOW + 110) == []
+    assert j.tick(NOW + 600) != []  # 1000 + 600 - 10 > 1100
     assert j.counters.negatives == 1
 
 
@@ -137,9 +148,9 @@ def test_unread_input_keeps_a_stream_from_going_idle() -> None:
     j.click(clk("zz", 1000, item="q"), origin(), NOW)
     j.mark_busy("click", NOW + 400)  # clicks are still waiting in the topic
     j.mark_busy("impression", NOW + 400)
-    assert j.advance(NOW + 800) == []  # would be idle since NOW + 500 otherwise
+    assert j.tick(NOW + 800) == []  # would be idle since NOW + 500 otherwise
     assert j.watermark == 990
-    assert kinds(j.advance(NOW + 2000)) == [("r1", Kind.NEGATIVE)]  # 1000 + 1600 - 10
+    assert kinds(j.tick(NOW + 2000)) == [("r1", Kind.NEGATIVE)]  # 1000 + 1600 - 10
 
 
 def test_first_event_after_start_restarts_the_idle_clock() -> None:
@@ -195,7 +206,7 @@ def test_positives_at_close_label_every_key_as_positives_at_click_do(seed: int) 
     at_close = PartitionJoiner(cfg(negative_rate=0.5, positives_at_close=True), NOW)
     early = samples(_feed(at_click, events) + push_time(at_click, 10**6))
     late = samples(_feed(at_close, events) + push_time(at_close, 10**6))
-    as_set = lambda out: sorted((s.key, s.kind, s.label, s.weight, s.event_time) for s in out)  # noqa: E731
+    as_set = lambda out: sorted((key_of(s), s.kind, s.label, s.weight, s.event_time) for s in out)  # noqa: E731
     assert as_set(late) == as_set(early)
     # the same counts, except the final filler positive, still pending at close
     assert replace(at_close.counters, positives=0) == replace(at_click.counters, positives=0)
@@ -272,7 +283,7 @@ def test_negative_downsampling_is_deterministic_and_reweighted() -> None:
     for rid, _ in keys[:400]:
         j.impression(imp(rid, 1000), NOW)
     out = samples(push_time(j, 9999))
-    assert {s.key for s in out if s.key[0].startswith("r")} == set(kept) & set(keys[:400])
+    assert {key_of(s) for s in out if key_of(s)[0].startswith("r")} == set(kept) & set(keys[:400])
     assert {s.weight for s in out} == {4.0}
     assert j.counters.negatives + j.counters.negatives_dropped == 400
 
@@ -312,8 +323,8 @@ def test_state_round_trip_gives_the_same_outputs(seed: int, at_close: bool) -> N
     cut = len(events) // 3
     first = PartitionJoiner(config, NOW)
     got = _feed(first, events[:cut])
-    state = json.loads(json.dumps(first.to_state()))
-    second = PartitionJoiner.from_state(config, state, NOW)
+    second = PartitionJoiner(config, NOW)
+    delta.restore(second, [delta.snapshot(first, {})])
     got += _feed(second, events[cut:], cut) + push_time(second, 10**6)
     assert got == expected
     assert second.counters == whole.counters
@@ -327,9 +338,9 @@ def test_recovered_emissions_are_not_emitted_again() -> None:
     emitted = samples(_feed(original, events) + push_time(original, 10**6))
     replay = PartitionJoiner(config, NOW)
     for s in emitted[: len(emitted) // 2]:
-        replay.recover_emitted(s.key_hash, s.kind, s.event_time)
+        replay.recover_emitted([s.key_hash], [s.kind], [s.event_time])
     again = samples(_feed(replay, events) + push_time(replay, 10**6))
-    assert [s.key for s in again] == [s.key for s in emitted[len(emitted) // 2 :]]
+    assert [s.key_hash for s in again] == [s.key_hash for s in emitted[len(emitted) // 2 :]]
     assert replay.counters.replay_suppressed == len(emitted) // 2
 
 
@@ -381,10 +392,12 @@ def test_decoders_reject_garbage_and_unjoinable_records() -> None:
 def test_batcher_batches_by_count_and_linger_and_routes_by_user() -> None:
     batcher = SampleBatcher(SLOTS, partitions=4, batch_size=3, linger_ms=50)
     j = PartitionJoiner(cfg(), NOW)
-    rows = []
+    results = []
     for i in range(7):
         j.impression(imp(f"r{i}", 1000, user="same-user", city=f"c{i}"), NOW)
-        rows += samples(j.click(clk(f"r{i}", 1001, user="same-user"), origin(), NOW))
+        batch = click_batch([clk(f"r{i}", 1001, user="same-user")], [origin()])
+        results.append(j.process(batch, NOW).samples)
+    rows = Samples.concat(results, len(SLOTS.slots))
     full = batcher.add(2, rows, NOW)
     assert [b.rows for b in full] == [3, 3] and batcher.buffered == 1
     assert {b.partition for b in full} == {hash64("user_id", "same-user") % 4}
@@ -396,7 +409,7 @@ def test_batcher_batches_by_count_and_linger_and_routes_by_user() -> None:
     assert batch.slot_ids("city")[1].tolist() == [hash64("city", f"c{i}") for i in range(3)]
     source, keys, kinds_ = parse_headers(full[0].headers) or (None, None, None)
     assert source == 2
-    assert keys is not None and keys.tolist() == [r.key_hash for r in rows[:3]]
+    assert keys is not None and keys.tolist() == rows.key[:3].tolist()
     assert kinds_ is not None and kinds_.tolist() == [1, 1, 1]
     assert parse_headers([(HEADER_SOURCE, b"1")]) is None
 
@@ -443,7 +456,7 @@ def test_engine_checkpoint_round_trip_and_replay_dedup() -> None:
     emitted = first.handle("events.clicks", 1, 0, None, clk_bytes("r1", 1010), NOW)
     emitted += first.handle("events.clicks", 1, 1, None, b"bad", NOW) + first.drain()
     second = fresh()
-    assert second.assign(1, blob, NOW) == {"impressions": 1}
+    assert second.assign(1, [blob], NOW) == {"impressions": 1}
     for rec in emitted:
         if rec.topic == "samples":
             assert second.recover_sample(rec.headers, rec.value) == 1
@@ -454,7 +467,7 @@ def test_engine_checkpoint_round_trip_and_replay_dedup() -> None:
     assert replayed == []
     assert second.counters().replay_suppressed == 1
     with pytest.raises(ValueError, match="partition"):
-        fresh().assign(2, blob, NOW)
+        fresh().assign(2, [blob], NOW)
 
 
 # -- settings and CLI ----------------------------------------------------------------------
@@ -485,7 +498,8 @@ def test_join_command_reports_bad_settings() -> None:
 
 
 def test_downsampled_batches_carry_inverse_rate_weights() -> None:
-    engine = JoinEngine(cfg(negative_rate=0.5), TOPICS, SampleBatcher(SLOTS, 1, 10_000, 0))
+    batcher = SampleBatcher(SLOTS, 1, 10_000, 0, negative_rate=0.5)
+    engine = JoinEngine(cfg(negative_rate=0.5), TOPICS, batcher)
     engine.assign(0, None, NOW)
     for i in range(200):
         engine.handle("events.impressions", 0, i, None, imp_bytes(f"r{i}", 1000), NOW)
