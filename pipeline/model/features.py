@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +41,12 @@ class SparseInput(NamedTuple):
     offsets: torch.Tensor  # int64 [S*N]: start in `index` of each (slot, row) bag, slot-major
     num_rows: int  # N
     num_slots: int  # S
+    # int64 [nnz]: the bag of every occurrence (optional: derived from offsets when None);
+    # tables of one batch share it, so the trainer computes it once
+    bags: torch.Tensor | None = None
+    # every bag holds exactly one id (one value per slot and row, the usual CTR layout):
+    # pooling is then a gather, with no sums
+    one_hot: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +58,14 @@ class BatchIds:
     offsets: I64  # [S*N] start in `index` of each (slot, row) bag
     num_rows: int
     num_slots: int
+
+    @cached_property
+    def one_hot(self) -> bool:
+        """Whether every (slot, row) bag holds exactly one id."""
+        bags = self.num_rows * self.num_slots
+        if self.index.shape[0] != bags or bags == 0:
+            return False
+        return bool(self.offsets[0] == 0 and (np.diff(self.offsets) == 1).all())
 
     @property
     def num_unique(self) -> int:
@@ -73,10 +88,15 @@ class BatchIds:
 
     def occurrence_rows(self) -> I64:
         """Row (0..N-1) of every entry of ``index``."""
+        return self.bags() % max(self.num_rows, 1)
+
+    def bags(self) -> I64:
+        """Bag (``s * N + r``) of every entry of ``index``."""
         nnz = int(self.index.shape[0])
+        if self.one_hot:
+            return np.arange(nnz, dtype=np.int64)
         lengths = np.diff(self.offsets, append=np.int64(nnz))
-        bags = np.repeat(np.arange(self.offsets.shape[0], dtype=np.int64), lengths)
-        return bags % max(self.num_rows, 1)
+        return np.repeat(np.arange(self.offsets.shape[0], dtype=np.int64), lengths)
 
 
 def batch_ids(batch: SampleBatch, slots: Sequence[str]) -> BatchIds:
@@ -124,6 +144,7 @@ def sparse_input(ids: BatchIds, weight: torch.Tensor) -> SparseInput:
         offsets=torch.from_numpy(ids.offsets).to(device),
         num_rows=ids.num_rows,
         num_slots=ids.num_slots,
+        one_hot=ids.one_hot,
     )
 
 
@@ -147,7 +168,12 @@ def pooled(inp: SparseInput) -> torch.Tensor:
     if n * s == 0 or inp.index.numel() == 0:
         # embedding_bag needs at least one bag; an all-empty batch still joins the graph.
         return weight.sum() * 0 + weight.new_zeros((n, s, dim))
-    bags = _bag_sums(inp) if weight.is_cuda else _bag_sums_index_add(inp)
+    if inp.one_hot:
+        bags = weight.index_select(0, inp.index)  # one id per bag: the sum is the row
+    elif weight.is_cuda:
+        bags = _bag_sums(inp)
+    else:
+        bags = _bag_sums_index_add(inp)
     return bags.view(s, n, dim).transpose(0, 1)
 
 
@@ -158,8 +184,11 @@ def _bag_sums(inp: SparseInput) -> torch.Tensor:
 
 def _bag_sums_index_add(inp: SparseInput) -> torch.Tensor:
     """``[S*N, dim]`` bag sums as gather + ``index_add_`` (fast backward on CPU)."""
-    nnz = inp.index.shape[0]
-    lengths = torch.diff(inp.offsets, append=inp.offsets.new_full((1,), nnz))
-    bag = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
-    rows = inp.weight[inp.index]
-    return rows.new_zeros((lengths.shape[0], rows.shape[1])).index_add_(0, bag, rows)
+    bag = inp.bags
+    if bag is None:
+        nnz = inp.index.shape[0]
+        lengths = torch.diff(inp.offsets, append=inp.offsets.new_full((1,), nnz))
+        positions = torch.arange(lengths.shape[0], device=lengths.device)
+        bag = torch.repeat_interleave(positions, lengths)
+    rows = inp.weight.index_select(0, inp.index)
+    return rows.new_zeros((inp.offsets.shape[0], rows.shape[1])).index_add_(0, bag, rows)

@@ -2,10 +2,11 @@
 
 Messages come in any size: small ones are concatenated, big ones cut, so every
 batch has exactly ``batch_rows`` rows except the partial one :meth:`Batcher.flush`
-emits. Each batch remembers which message every run of rows came from (a
-:class:`Piece`), so a rebalance can take the rows of revoked partitions back out of
-batches the trainer has not seen yet, and so the offsets a batch completes are known:
-a message completes in the batch that holds its last row. Pure logic, no Kafka.
+emits (and, when the trainer's step schedule resizes the batcher, the one open then).
+Each batch remembers which message every run of rows came from (a :class:`Piece`),
+so a rebalance can take the rows of revoked partitions back out of batches the
+trainer has not seen yet, and so the offsets a batch completes are known: a message
+completes in the batch that holds its last row. Pure logic, no Kafka.
 """
 
 from __future__ import annotations
@@ -138,14 +139,27 @@ class Batcher:
         full: list[Chunk] = []
         start = 0
         while start < n:
-            take = min(self.batch_rows - self._rows, n - start)
+            limit = self.batch_rows  # read once: another thread may resize between pieces
+            if self._rows >= limit:
+                full.extend(self.flush())
+            take = min(limit - self._rows, n - start)
             stop = start + take
             self._open.append(Piece(source, rows, start, stop, last=stop == n))
             self._rows += take
             start = stop
-            if self._rows == self.batch_rows:
+            if self._rows >= limit:
                 full.extend(self.flush())
         return full
+
+    def resize(self, batch_rows: int) -> None:
+        """Cut the next chunks at ``batch_rows`` rows (the open chunk keeps what it holds).
+
+        Safe to call from another thread than the one adding messages: a chunk may
+        then end at either size.
+        """
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+        self.batch_rows = batch_rows
 
     def add_dead(self, source: Source) -> list[Chunk]:
         """A dead-lettered message: a chunk of its own, after its partition's open rows.

@@ -177,6 +177,11 @@ class QueueDataset:
         )
         self._thread.start()
 
+    def set_batch_rows(self, rows: int) -> None:
+        """Cut the next batches at ``rows`` rows (the trainer's step schedule); batches
+        already queued keep their size."""
+        self._batcher.resize(rows)
+
     def get(self, timeout: float) -> TrainBatch | None:
         """The next batch, or None after ``timeout`` seconds without one."""
         began = time.perf_counter()

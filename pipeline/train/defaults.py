@@ -3,10 +3,11 @@
 Measured on the Criteo sample and synthetic streams (docs/trainer.md, "Defaults"):
 per-id Adagrad on the wide part with ``lr = 1.5 / features per row`` (slots + dense
 features + the bias), deep embeddings with ``lr = 0.5 / slots``, the bias and dense
-linear weights on the wide rate, an output bias starting at 0, and at most ~32 rows
-per sparse update on a young stream. A summed (not averaged) batch loss makes a
-feature's step independent of the batch size, which is why the rate scales with how
-many features share each row's gradient instead.
+linear weights on the wide rate, and the output bias left to the trainer, which
+starts it at the logit of the running CTR (``bias_init`` unset). A summed (not
+averaged) batch loss makes a feature's step independent of the batch size, which is
+why the rate scales with how many features share each row's gradient instead. The
+batch size itself follows the trainer's step schedule (pipeline.train.schedule).
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ def default_model(
         deep_table=f"{prefix}deep",
         deep_dim=16,
         hidden=(256, 128),
-        bias_init=0.0,
         linear_lr=wide_lr(layout),
     )
     return dataclasses.replace(spec, **overrides) if overrides else spec

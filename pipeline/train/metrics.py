@@ -115,6 +115,43 @@ def _as_1d(name: str, values: Any, n: int | None = None) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One batch's scored rows, validated once (float64), with their log loss."""
+
+    p: np.ndarray
+    y: np.ndarray
+    w: np.ndarray | None
+    loss: np.ndarray
+    max_time: int | None
+
+    @classmethod
+    def of(cls, preds: Any, labels: Any, weights: Any, event_times: Any) -> _Rows:
+        """Checked rows; ValueError naming what is wrong (nothing is added then)."""
+        p = _as_1d("predictions", preds)
+        n = p.size
+        y = _as_1d("labels", labels, n)
+        if n and (p.min() < 0.0 or p.max() > 1.0):
+            raise ValueError(
+                f"predictions must be probabilities in [0, 1], got [{p.min()}, {p.max()}]"
+            )
+        if not ((y == 0.0) | (y == 1.0)).all():
+            raise ValueError("labels must be 0 or 1")
+        w = None if weights is None else _as_1d("weights", weights, n)
+        if w is not None and n and w.min() < 0.0:
+            raise ValueError(f"weights must be >= 0, got min {w.min()}")
+        if w is not None and n and (w == 1.0).all():
+            w = None  # unweighted rows: the cheaper sums give the same counts
+        max_time = None
+        if event_times is not None:
+            t = np.asarray(event_times).ravel()
+            if t.size:
+                max_time = int(t.max())
+        clipped = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+        loss = -np.where(y == 1.0, np.log(clipped), np.log1p(-clipped))
+        return cls(p, y, w, loss, max_time)
+
+
 class MetricCounts:
     """Mergeable sufficient statistics of progressive validation over ``buckets`` buckets."""
 
@@ -168,57 +205,43 @@ class MetricCounts:
         event_times: Any = None,
     ) -> None:
         """Add rows: probabilities in [0, 1], labels 0/1, optional weights >= 0 and times (ms)."""
-        p = _as_1d("predictions", preds)
-        n = p.size
-        y = _as_1d("labels", labels, n)
-        if n and (p.min() < 0.0 or p.max() > 1.0):
-            raise ValueError(
-                f"predictions must be probabilities in [0, 1], got [{p.min()}, {p.max()}]"
-            )
-        if not ((y == 0.0) | (y == 1.0)).all():
-            raise ValueError("labels must be 0 or 1")
-        w = None if weights is None else _as_1d("weights", weights, n)
-        if w is not None and n and w.min() < 0.0:
-            raise ValueError(f"weights must be >= 0, got min {w.min()}")
-        if event_times is not None:
-            t = np.asarray(event_times).ravel()
-            if t.size:
-                top = int(t.max())
-                if self.max_event_time_ms is None or top > self.max_event_time_ms:
-                    self.max_event_time_ms = top
+        self.add(_Rows.of(preds, labels, weights, event_times))
+
+    def add(self, rows: _Rows) -> None:
+        """Add validated rows (:meth:`_Rows.of`); a window and the cumulative share them."""
+        if rows.max_time is not None and (
+            self.max_event_time_ms is None or rows.max_time > self.max_event_time_ms
+        ):
+            self.max_event_time_ms = rows.max_time
+        n = rows.p.size
         if n == 0:
             return
-
-        b = self.buckets
-        idx = bucket_index(p, b)
-        rows = np.bincount(idx, minlength=b)
-        # Labels are 0/1, so the weighted bincount is an exact integer count.
-        pos = np.bincount(idx, weights=y, minlength=b).astype(np.uint64)
-        self.pos += pos
-        self.neg += rows.astype(np.uint64) - pos
-        clipped = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
-        loss = -np.where(y == 1.0, np.log(clipped), np.log1p(-clipped))
+        idx, p, y, w = bucket_index(rows.p, self.buckets), rows.p, rows.y, rows.w
+        # per-row scatter adds: O(rows), not O(buckets), per batch
+        positive = y.astype(np.uint64)
+        np.add.at(self.pos, idx, positive)
+        np.add.at(self.neg, idx, np.uint64(1) - positive)
         err = p - y
         if w is None:
-            self.pred_sum += np.bincount(idx, weights=p, minlength=b)
-            self.bucket_weight += rows
-            self.bucket_label += pos
+            np.add.at(self.pred_sum, idx, p)
+            np.add.at(self.bucket_weight, idx, 1.0)
+            np.add.at(self.bucket_label, idx, y)
             self.weight_sum += float(n)
             self.label_sum += float(y.sum())
             self.pred_total += float(p.sum())
-            self.logloss_sum += float(loss.sum())
+            self.logloss_sum += float(rows.loss.sum())
             self.abs_error_sum += float(np.abs(err).sum())
             self.sq_error_sum += float((err * err).sum())
         else:
             wy = w * y
             wp = w * p
-            self.pred_sum += np.bincount(idx, weights=wp, minlength=b)
-            self.bucket_weight += np.bincount(idx, weights=w, minlength=b)
-            self.bucket_label += np.bincount(idx, weights=wy, minlength=b)
+            np.add.at(self.pred_sum, idx, wp)
+            np.add.at(self.bucket_weight, idx, w)
+            np.add.at(self.bucket_label, idx, wy)
             self.weight_sum += float(w.sum())
             self.label_sum += float(wy.sum())
             self.pred_total += float(wp.sum())
-            self.logloss_sum += float((w * loss).sum())
+            self.logloss_sum += float((w * rows.loss).sum())
             self.abs_error_sum += float((w * np.abs(err)).sum())
             self.sq_error_sum += float((w * err * err).sum())
         self.count += float(n)
@@ -505,14 +528,13 @@ class WindowedMetrics:
 
     def update(self, preds: Any, labels: Any, weights: Any = None, event_times: Any = None) -> None:
         """Add a batch to the current window (opening one if needed) and to the cumulative."""
-        batch = MetricCounts(self.buckets)
-        batch.update(preds, labels, weights, event_times)
+        rows = _Rows.of(preds, labels, weights, event_times)
         now_ms = self._now_ms(None)
         self._close_if_due(now_ms)
         if self._start_ms is None:
             self._start_ms = now_ms - now_ms % self.window_ms
-        self.current.merge(batch)
-        self.cumulative.merge(batch)
+        self.current.add(rows)
+        self.cumulative.add(rows)
 
     def roll(self, now: float | None = None, force: bool = False) -> ClosedWindow | None:
         """Close the open window if its end has passed; return the oldest closed one.

@@ -133,6 +133,9 @@ class TrainerRole:
 
             restore_trainer(trainer, load_snapshot(resume))
         sink = RedisMetricsSink(client, s.job)
+        # the step schedule's age: rows the whole job trained (a restarted or added
+        # trainer of an established job starts with large steps)
+        trainer.stream_age = lambda: int(sink.global_cumulative()[0].count)
         publisher = MetricsPublisher(producer, self.prefix + s.metrics_topic)
         exporter = PrometheusExporter(s.metrics_port, trainer_id, s.job)
         if s.metrics_port is not None:

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.train.schedule import StepSchedule
+
 __all__ = ["TrainerSettings"]
 
 
@@ -26,9 +28,30 @@ class TrainerSettings(BaseSettings):
         description="async: push summed grads per pass; geo: local steps, push deltas; "
         "sync: push and wait until applied every batch",
     )
-    batch_rows: int = Field(256, ge=1, description="Samples per training step")
+    batch_rows: int = Field(
+        1024,
+        ge=1,
+        description="Samples per training step once the stream is established (async mode "
+        "grows its steps up to this; sync and geo modes always use it)",
+    )
+    young_batch_rows: int = Field(
+        32,
+        ge=1,
+        description="Async mode: samples per step while the stream is young; the step size "
+        "doubles every --stage-batches batches up to --batch-rows (equal to --batch-rows: "
+        "a fixed step size)",
+    )
+    stage_batches: int = Field(
+        256, ge=1, description="Async mode: batches per stage of the step schedule"
+    )
+    sync_below_rows: int = Field(
+        256,
+        ge=0,
+        description="Async mode: steps smaller than this are synchronous (pushed and applied "
+        "before the next pull; 0: never)",
+    )
     pass_batches: int = Field(
-        4, ge=1, description="Batches per pass (the device cache window; sync mode uses 1)"
+        2, ge=1, description="Batches per pass (the device cache window; sync mode uses 1)"
     )
     cache_rows: int = Field(1_000_000, ge=1, description="Device cache capacity per table (rows)")
     max_age_passes: int = Field(
@@ -50,3 +73,17 @@ class TrainerSettings(BaseSettings):
     dlq_topic: str = Field("samples.dlq", description="Dead-letter topic")
     metrics_topic: str = Field("metrics", description="Metrics topic")
     seed: int = Field(0, description="Seed of the dense initialization (same on every trainer)")
+
+    def schedule(self) -> StepSchedule:
+        """The step schedule of :attr:`mode`: growing in async mode, fixed otherwise."""
+        if self.mode == "sync":
+            return StepSchedule.fixed(self.batch_rows, 1, synchronous=True)
+        if self.mode == "geo":
+            return StepSchedule.fixed(self.batch_rows, self.pass_batches)
+        return StepSchedule(
+            batch_rows=self.batch_rows,
+            pass_batches=self.pass_batches,
+            young_rows=min(self.young_batch_rows, self.batch_rows),
+            stage_batches=self.stage_batches,
+            sync_below_rows=self.sync_below_rows,
+        )

@@ -38,19 +38,28 @@ import numpy.typing as npt
 import torch
 
 from pipeline.arrayops import unique as distinct
+from pipeline.codec.samplebatch import SampleBatch
 from pipeline.errors import PipelineError
 from pipeline.model.features import BatchIds, SparseInput, batch_ids
 from pipeline.model.modules import CTRModel, build_model, set_output_bias
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.spec import TableSpec
 from pipeline.train.backend import SparseBackend
-from pipeline.train.cache import DeviceCache
+from pipeline.train.cache import DeviceCache, Plan
 from pipeline.train.dataset import Source, TrainBatch
 from pipeline.train.dense_sync import DenseSync
 from pipeline.train.metrics import WindowedMetrics
 from pipeline.train.settings import TrainerSettings
 
-__all__ = ["BatchSource", "IterSource", "StageTimes", "TrainResult", "Trainer", "pick_device"]
+__all__ = [
+    "BatchSource",
+    "IterSource",
+    "RowSource",
+    "StageTimes",
+    "TrainResult",
+    "Trainer",
+    "pick_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,32 @@ class IterSource:
         except StopIteration:
             self.exhausted = True
             return None
+
+
+class RowSource:
+    """Rows in memory cut into batches on demand, at the size the trainer's schedule asks.
+
+    The in-process counterpart of :class:`~pipeline.train.dataset.QueueDataset` for
+    files, benchmarks and tests: ``set_batch_rows`` changes the size of the next batch.
+    """
+
+    def __init__(self, rows: SampleBatch, batch_rows: int = 1024) -> None:
+        self._rows = rows
+        self._next = 0
+        self.batch_rows = batch_rows
+        self.exhausted = rows.num_rows == 0
+
+    def set_batch_rows(self, rows: int) -> None:
+        self.batch_rows = rows
+
+    def get(self, timeout: float) -> TrainBatch | None:
+        if self._next >= self._rows.num_rows:
+            self.exhausted = True
+            return None
+        stop = min(self._next + self.batch_rows, self._rows.num_rows)
+        batch = self._rows.slice(self._next, stop)
+        self._next = stop
+        return TrainBatch(batch, (), 0)
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,7 +172,11 @@ class _Pass:
     items: list[TrainBatch]
     ids: list[BatchIds | None]
     unique: U64
-    pulled: Future[dict[str, tuple[U64, F32, npt.NDArray[np.bool_]]]] | None = None
+    #: per batch, the positions of its unique ids in ``unique`` (None: a single batch,
+    #: whose unique ids are the pass's)
+    local: list[npt.NDArray[np.int64] | None]
+    plans: dict[str, Plan] = field(default_factory=dict)
+    pulled: Future[dict[str, tuple[F32, npt.NDArray[np.bool_]]]] | None = None
 
 
 @dataclass
@@ -169,13 +208,24 @@ class Trainer:
         self.trainer_id = trainer_id
         self.device = device or pick_device(settings.device)
         self.mode = settings.mode
-        self.pass_batches = 1 if self.mode == "sync" else settings.pass_batches
-        self.prefetch = self.mode != "sync"
+        self.schedule = settings.schedule()
+        self.stage = self.schedule.stage(0)
+        self.pass_batches = self.stage.pass_batches
+        self.prefetch = not self.stage.synchronous
+        #: the job's trained rows (all trainers), polled at most once a second; the
+        #: schedule's age is the larger of this and this trainer's own rows
+        self.stream_age: Callable[[], int] | None = None
+        self._job_rows = 0
+        self._age_polled = 0.0
+        self._source_rows: int | None = None  # the batch size last given to the source
         torch.manual_seed(settings.seed)
         self.model: CTRModel = build_model(spec, seed=settings.seed).to(self.device)
+        self.model.train()
         self.optimizer = _dense_optimizer(spec, self.model)
+        self._dense_params = list(self.model.parameters())
         self.dims = spec.tables()
-        max_age = settings.max_age_passes if self.mode != "sync" else 0
+        self._max_age = settings.max_age_passes if self.mode != "sync" else 0
+        max_age = 0 if self.stage.synchronous else self._max_age
         self.caches = {
             name: DeviceCache(
                 name,
@@ -232,8 +282,13 @@ class Trainer:
         if self.spec.bias_init is not None:
             set_output_bias(self.model, self.spec.bias_init)
         elif first is not None and first.batch is not None and first.batch.num_rows:
-            # the running CTR: a trainer that starts first spares the model learning it
-            ctr = float(np.clip(np.mean(first.batch.labels, dtype=np.float64), 1e-3, 1 - 1e-3))
+            # the running CTR: a trainer that starts first spares the model learning it.
+            # Weighted (downsampled negatives count 1/rate) and smoothed by half a click
+            # in one row, so a small first batch without clicks starts near, not at, 0
+            batch = first.batch
+            weights = np.asarray(batch.weights, np.float64)
+            clicks = float(np.dot(weights, np.asarray(batch.labels, np.float64)))
+            ctr = float(np.clip((clicks + 0.5) / (weights.sum() + 1.0), 1e-4, 1 - 1e-4))
             set_output_bias(self.model, math.log(ctr / (1 - ctr)))
         self.dense.start()  # a trainer that is not first adopts the shared values
 
@@ -259,6 +314,7 @@ class Trainer:
                 if self.participant is not None and self._started:
                     self.participant.poll(self, source)
                     self._hold_for_cut(source)
+                self._follow_schedule(source)
                 current = self._assemble(source, poll_s)
                 if current is None:
                     if on_progress is not None:
@@ -271,6 +327,7 @@ class Trainer:
             # read the next pass ahead so its rows are pulled while this one trains
             upcoming = None
             cut = self._hold_for_cut(source)
+            self._follow_schedule(source)
             if self.prefetch and not self._stop.is_set() and not self._drain.is_set() and not cut:
                 upcoming = self._assemble(source, 0.0)
                 if upcoming is not None:
@@ -307,6 +364,40 @@ class Trainer:
         """Next offset per (topic, partition) of everything trained and applied so far."""
         return dict(self._committed)
 
+    def age_rows(self) -> int:
+        """Rows the job has trained: the schedule's clock."""
+        if self.stream_age is not None and time.monotonic() - self._age_polled >= 1.0:
+            self._age_polled = time.monotonic()
+            self._job_rows = max(self._job_rows, self.stream_age())
+        return max(self.result.rows, self._job_rows)
+
+    def _follow_schedule(self, source: BatchSource) -> None:
+        """Move to the schedule's stage for the current age (batch size, pass, synchrony).
+
+        The source cuts the next batches at the new size; batches it already cut keep
+        theirs. Leaving the synchronous stages, pulls start to run a pass ahead.
+        """
+        stage = self.schedule.stage(self.age_rows()) if self.schedule.grows else self.stage
+        resize = getattr(source, "set_batch_rows", None)
+        if resize is not None and self._source_rows != stage.batch_rows:
+            resize(stage.batch_rows)
+            self._source_rows = stage.batch_rows
+        if stage == self.stage:
+            return
+        log.info(
+            "step schedule: stage %d at %d rows: %d rows per step, %d per pass, %s",
+            stage.number,
+            self.age_rows(),
+            stage.batch_rows,
+            stage.pass_batches,
+            "synchronous" if stage.synchronous else self.mode,
+        )
+        self.stage = stage
+        self.pass_batches = stage.pass_batches
+        self.prefetch = not stage.synchronous
+        for cache in self.caches.values():
+            cache.max_age_passes = 0 if stage.synchronous else self._max_age
+
     def _finished(
         self, source: BatchSource, idle_since: float, idle_timeout_s: float | None
     ) -> bool:
@@ -331,18 +422,25 @@ class Trainer:
             batch_ids(it.batch, self.spec.slots) if it.batch is not None else None for it in items
         ]
         parts = [b.unique for b in ids if b is not None]
-        unique = distinct(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        local: list[npt.NDArray[np.int64] | None]
+        if len(parts) == 1:
+            unique = parts[0]  # one batch: its unique ids are the pass's
+            local = [None] * len(items)
+        else:
+            unique = distinct(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+            local = [None if b is None else np.searchsorted(unique, b.unique) for b in ids]
         self.result.passes += 1
-        return _Pass(self.result.passes, items, ids, unique)
+        return _Pass(self.result.passes, items, ids, unique, local)
 
     def _prefetch(self, p: _Pass) -> None:
-        plans = {name: cache.plan(p.unique, p.number) for name, cache in self.caches.items()}
+        p.plans = {name: cache.plan(p.unique, p.number) for name, cache in self.caches.items()}
+        needs = {name: plan.need for name, plan in p.plans.items()}
 
-        def pull() -> dict[str, tuple[U64, F32, npt.NDArray[np.bool_]]]:
+        def pull() -> dict[str, tuple[F32, npt.NDArray[np.bool_]]]:
             out = {}
-            for name, need in plans.items():
+            for name, need in needs.items():
                 weights, found = self.backend.pull(name, need)
-                out[name] = (need, weights, found)
+                out[name] = (weights, found)
             return out
 
         p.pulled = self._comm.submit(pull) if self.prefetch else _done(pull())
@@ -357,40 +455,45 @@ class Trainer:
         t = time.perf_counter()
         pass_slots = {}
         for name, cache in self.caches.items():
-            need, weights, found = pulled[name]
-            cache.install(need, weights, found, p.unique, p.number)
-            pass_slots[name] = cache.slots(p.unique)
+            weights, found = pulled[name]
+            pass_slots[name] = cache.install(p.plans[name], weights, found)
         self.stages.compute += time.perf_counter() - t
         return pass_slots
 
     def _train_pass(self, p: _Pass, pass_slots: Mapping[str, npt.NDArray[np.int64]]) -> None:
         t = time.perf_counter()
         u = len(p.unique)
-        grads = {
-            name: torch.zeros((u, dim), dtype=torch.float32, device=self.device)
-            for name, dim in self.dims.items()
-        }
         shows = np.zeros(u, np.float32)
         clicks = np.zeros(u, np.float32)
+        grads: dict[str, list[tuple[npt.NDArray[np.int64] | None, torch.Tensor]]] = {
+            name: [] for name in self.dims
+        }
         max_event_time = 0
-        for item, ids in zip(p.items, p.ids, strict=True):
+        lookups = 0
+        for item, ids, local in zip(p.items, p.ids, p.local, strict=True):
             if item.batch is None or ids is None:
                 self.result.dead_letters += 1
                 continue
             batch = item.batch
-            local = np.searchsorted(p.unique, ids.unique)
-            for cache in self.caches.values():
-                cache.stats.lookups += len(local)  # what a cache-less trainer would pull
-            local_t = torch.from_numpy(local).to(self.device)
-            batch_grads = self._step_batch(batch, ids, pass_slots, local)
-            occ = ids.occurrences().astype(np.float32)
+            lookups += ids.num_unique  # what a cache-less trainer would pull
+            rows = {
+                name: slots if local is None else slots[local] for name, slots in pass_slots.items()
+            }
+            batch_grads = self._step_batch(batch, ids, rows)
+            bags = ids.bags()
+            occ = np.bincount(ids.index, minlength=ids.num_unique).astype(np.float32)
+            positive = np.asarray(batch.labels)[bags % batch.num_rows] >= 0.5
+            clk = np.bincount(ids.index, weights=positive, minlength=ids.num_unique)
             # a batch's unique ids map to distinct pass positions: plain indexed adds
-            shows[local] += occ
-            clicks[local] += ids.clicks(np.asarray(batch.labels))
+            at = slice(None) if local is None else local
+            shows[at] += occ
+            clicks[at] += clk.astype(np.float32)
             for name, g in batch_grads.items():
-                grads[name].index_add_(0, local_t, g)
+                grads[name].append((local, g))
             if len(batch.event_times):
                 max_event_time = max(max_event_time, int(np.max(batch.event_times)))
+        for cache in self.caches.values():
+            cache.stats.lookups += lookups
         self.result.batches += len(p.items)
         completes = [src for item in p.items for src in item.completes]
         kind = "delta" if self.mode == "geo" else "grad"
@@ -399,7 +502,7 @@ class Trainer:
             if self.mode == "geo":
                 values = self.caches[name].take_deltas(pass_slots[name])
             else:
-                values = grads[name].cpu().numpy()
+                values = _pass_sum(grads[name], u, self.dims[name], self.device)
             payload[name] = values
         self.stages.compute += time.perf_counter() - t
         offsets = _offset_map(completes)
@@ -416,51 +519,54 @@ class Trainer:
             ]
             self._pending.append(_Pending(receipts, completes))
 
-        fut = self._comm.submit(push)
-        self._push_futures.append(fut)
-        if self.mode == "sync":
+        # synchronous: push on this thread, it waits for the apply next anyway
+        if self.stage.synchronous:
+            push()
+        else:
+            self._push_futures.append(self._comm.submit(push))
+        if self.stage.synchronous:
             t = time.perf_counter()
-            self._flush_all()
+            self._flush_all(dense=False)
             self.stages.wait_comm += time.perf_counter() - t
 
     def _step_batch(
-        self,
-        batch: Any,
-        ids: BatchIds,
-        pass_slots: Mapping[str, npt.NDArray[np.int64]],
-        local: npt.NDArray[np.int64],
+        self, batch: Any, ids: BatchIds, rows: Mapping[str, npt.NDArray[np.int64]]
     ) -> dict[str, torch.Tensor]:
         """Score (progressive validation), then train on one batch; per-table row grads."""
         dev = self.device
         index = torch.from_numpy(ids.index).to(dev)
         offsets = torch.from_numpy(ids.offsets).to(dev)
+        one_hot = ids.one_hot
+        bags = None if one_hot else torch.from_numpy(ids.bags()).to(dev)
         slots_t = {}
         inputs = {}
         for name, cache in self.caches.items():
-            rows = torch.from_numpy(pass_slots[name][local]).to(dev)
-            slots_t[name] = rows
-            leaf = cache.weight[rows].detach().requires_grad_(True)
-            inputs[name] = SparseInput(leaf, index, offsets, ids.num_rows, ids.num_slots)
+            slots = torch.from_numpy(rows[name]).to(dev)
+            slots_t[name] = slots
+            leaf = cache.weight.index_select(0, slots).requires_grad_(True)
+            inputs[name] = SparseInput(
+                leaf, index, offsets, ids.num_rows, ids.num_slots, bags, one_hot
+            )
         dense = _tensor(batch.dense, dev)
         labels = _tensor(batch.labels, dev)
         weights = _tensor(batch.weights, dev)
-        self.model.train()
         logits = self.model(inputs, dense)
         preds = torch.sigmoid(logits.detach()).cpu().numpy()
         labels_np = np.asarray(batch.labels, np.float32)
-        self.metrics.update(preds, labels_np, np.asarray(batch.weights), batch.event_times)
+        self.metrics.update(preds, labels_np, batch.weights, batch.event_times)
         if self._keep:
             self.result.predictions.append(preds)
             self.result.labels.append(labels_np)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, labels, weight=weights, reduction="sum"
         )
-        self.optimizer.zero_grad(set_to_none=True)
+        for param in self._dense_params:
+            param.grad = None
         loss.backward()
-        scale = 1.0 / max(float(weights.sum()), 1e-12)
-        for param in self.model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        # sparse rows take the summed loss's gradient; dense parameters its mean's
+        dense_grads = [p.grad for p in self._dense_params if p.grad is not None]
+        if dense_grads:
+            torch._foreach_mul_(dense_grads, 1.0 / max(float(weights.sum()), 1e-12))
         self.optimizer.step()
         self._step += 1
         self.dense.maybe_sync(self._step)
@@ -495,7 +601,8 @@ class Trainer:
             self._commit(positions)
         self._committed.update(positions)
 
-    def _flush_all(self) -> None:
+    def _flush_all(self, dense: bool = True) -> None:
+        """Wait until every push is applied, commit, and (``dense``) merge dense params."""
         while self._push_futures:
             self._push_futures.popleft().result()
         self.backend.flush()
@@ -503,7 +610,7 @@ class Trainer:
         while self._pending:
             ready.extend(self._pending.popleft().completes)
         self._commit_sources(ready)
-        if self._started:
+        if self._started and dense:
             self.dense.sync()
 
     def _hold_for_cut(self, source: BatchSource) -> bool:
@@ -534,6 +641,24 @@ class Trainer:
 def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
     """float32 tensor on ``device``; decoded batches are read-only views, so copy those."""
     return torch.from_numpy(np.require(values, np.float32, ["W"])).to(device)
+
+
+def _pass_sum(
+    parts: list[tuple[npt.NDArray[np.int64] | None, torch.Tensor]],
+    rows: int,
+    dim: int,
+    device: torch.device,
+) -> F32:
+    """Per-batch row gradients summed at the pass's positions (one batch: as it is)."""
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1].cpu().numpy()
+    total = torch.zeros((rows, dim), dtype=torch.float32, device=device)
+    for local, grad in parts:
+        if local is None:
+            total += grad
+        else:
+            total.index_add_(0, torch.from_numpy(local).to(device), grad)
+    return total.cpu().numpy()
 
 
 def _done(value: Any) -> Future[Any]:
@@ -574,11 +699,13 @@ class _Optimizers:
 
 
 def _make(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    # fused: one kernel per step for all tensors; a step of the small dense part costs
+    # 0.06-0.1 ms instead of 0.14-0.24 ms (foreach) on CPU, the same arithmetic
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1)
-    return torch.optim.SGD(params, lr=lr)
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1, fused=True)
+    return torch.optim.SGD(params, lr=lr, fused=True)
 
 
 def _dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer | _Optimizers:

@@ -189,6 +189,50 @@ def test_pooling_routes_agree_on_sums_and_grads() -> None:
     torch.testing.assert_close(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("max_per_row", [1, 3])
+def test_one_hot_and_shared_bags_routes_agree_with_the_generic_one(max_per_row: int) -> None:
+    """The trainer's fast paths (one id per bag: a gather; bags computed once) change nothing."""
+    rng = np.random.default_rng(8)
+    if max_per_row == 1:  # exactly one id per slot and row: the usual CTR layout
+        batch = from_rows(
+            SlotConfig(SLOTS, 0),
+            labels=rng.integers(0, 2, 16).astype(np.float32),
+            features=[
+                {s: rng.integers(0, 12, 1).astype(np.uint64) for s in SLOTS} for _ in range(16)
+            ],
+            event_times=np.arange(16),
+        )
+    else:
+        batch = random_batch(rng, n=16, vocab=12, max_per_row=max_per_row)
+    ids = batch_ids(batch, list(SLOTS))
+    assert ids.one_hot == (max_per_row == 1)
+    assert ids.occurrence_rows().tolist() == naive_occurrence_rows(ids)
+    base = torch.randn(
+        ids.num_unique, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    results = []
+    for fast in (False, True):
+        weight = base.clone().requires_grad_(True)
+        inp = sparse_input(ids, weight)
+        if fast:
+            inp = inp._replace(bags=torch.from_numpy(ids.bags()))
+        else:
+            inp = inp._replace(one_hot=False)
+        out = pooled(inp)
+        (out * torch.arange(out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def naive_occurrence_rows(ids: features.BatchIds) -> list[int]:
+    rows = []
+    ends = [*ids.offsets.tolist()[1:], len(ids.index)]
+    for bag, (start, end) in enumerate(zip(ids.offsets.tolist(), ends, strict=True)):
+        rows += [bag % ids.num_rows] * (end - start)
+    return rows
+
+
 def test_pooled_of_a_batch_without_ids() -> None:
     batch = random_batch(np.random.default_rng(0), n=4, max_per_row=0)
     ids = batch_ids(batch, list(SLOTS))

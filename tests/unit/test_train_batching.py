@@ -521,3 +521,24 @@ def test_an_empty_window_has_no_rows_no_batches_and_empty_shards() -> None:
     assert small.shard(1, 2, seed=1).num_rows + small.shard(0, 2, seed=1).num_rows == 1
     with pytest.raises(ValueError, match="layout"):
         InMemoryDataset(tagged(np.arange(3)), SlotConfig(("user",), 2))
+
+
+def test_resize_changes_the_size_of_the_next_batches_and_keeps_every_row() -> None:
+    """The trainer's step schedule resizes the batcher between messages (and mid-stream)."""
+    batcher = Batcher(4)
+    chunks: list[Chunk] = []
+    msgs = stream([3, 5, 7, 2, 9, 1], [0, 0, 0, 0, 0, 0])
+    for i, (source, rows) in enumerate(msgs):
+        if i == 2:
+            batcher.resize(2)  # smaller than the open chunk already holds
+        if i == 4:
+            batcher.resize(6)
+        chunks += batcher.add(source, rows)
+    chunks += batcher.flush()
+    batches = [c.train_batch(0) for c in chunks]
+    assert rows_of(batches).tolist() == list(range(27))  # nothing lost, order kept
+    # 4-row batches, then 2-row ones (the open row waits for the next message), then
+    # 6-row ones and the partial flush
+    assert [b.num_rows for b in batches] == [4, 4, 2, 2, 2, 2, 6, 5]
+    with pytest.raises(ValueError, match="batch_rows"):
+        batcher.resize(0)
