@@ -13,6 +13,10 @@ the same feature)::
     meta.json      {"format", "version", "table": TableSpec dict, "rows", "dim",
                     "state_width", "files": {name: {"sha256", "dtype", "shape"}}}
 
+A checkpoint delta (:mod:`pipeline.ps.checkpoint`) is the same directory with one
+more column, ``deleted.npy`` (uint64 ids to delete, listed in ``files`` and counted
+in ``meta["deleted"]``), and its own fields under ``meta["info"]``.
+
 The directory is built under a hidden temp name next to the target and renamed
 into place, so a reader sees a complete export or none. Loading verifies every
 checksum and never unpickles (``allow_pickle=False``).
@@ -46,6 +50,8 @@ __all__ = [
     "RowBatch",
     "export_table",
     "import_table",
+    "read_deleted",
+    "read_meta",
     "read_rows",
     "write_rows",
 ]
@@ -155,8 +161,14 @@ def write_rows(
     batches: Iterable[RowBatch],
     *,
     overwrite: bool = False,
+    deleted: npt.NDArray[np.uint64] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``batches`` as an export directory at ``path`` (atomically); returns meta.json."""
+    """Write ``batches`` as an export directory at ``path`` (atomically); returns meta.json.
+
+    ``deleted`` adds ``deleted.npy`` (ids a checkpoint delta removes); ``info`` is stored
+    as ``meta["info"]`` (JSON).
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
@@ -189,7 +201,20 @@ def write_rows(
                 files[c].append(getattr(checked, c))
         for appender in files.values():
             appender.finish()
-        meta = {
+        extra: dict[str, Any] = {}
+        if deleted is not None:
+            gone = np.ascontiguousarray(deleted, dtype=np.uint64)
+            with open(tmp / "deleted.npy", "wb") as f:
+                np.save(f, gone, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            extra["deleted"] = int(gone.shape[0])
+            extra["deleted.npy"] = {
+                "sha256": _sha256(tmp / "deleted.npy"),
+                "dtype": gone.dtype.str,
+                "shape": [int(gone.shape[0])],
+            }
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "table": spec.to_dict(),
@@ -205,6 +230,11 @@ def write_rows(
                 for c in _COLUMNS
             },
         }
+        if "deleted" in extra:
+            meta["deleted"] = extra["deleted"]
+            meta["files"]["deleted.npy"] = extra["deleted.npy"]
+        if info is not None:
+            meta["info"] = info
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.flush()
@@ -227,25 +257,45 @@ def write_rows(
         raise
 
 
-def read_rows(path: str | Path, *, mmap: bool = False) -> tuple[TableSpec, int, RowBatch]:
-    """Load an export: ``(spec, state_width, rows)`` after verifying format and checksums."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of an export directory, after checking its format and version."""
     path = Path(path)
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta: dict[str, Any] = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         raise ExportError(f"{path}: unreadable meta.json ({exc})") from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ExportError(f"{path}: not a {FORMAT} v{VERSION} export")
+    return meta
+
+
+def _load_column(path: Path, meta: dict[str, Any], name: str, mmap: bool) -> npt.NDArray[Any]:
+    entry, file = meta["files"][name], path / name
+    if not file.is_file() or _sha256(file) != entry["sha256"]:
+        raise ExportError(f"{file}: missing or checksum mismatch")
+    arr = np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
+    if arr.dtype.str != entry["dtype"] or list(arr.shape) != entry["shape"]:
+        raise ExportError(f"{file}: {arr.dtype}{arr.shape} does not match meta.json")
+    return arr
+
+
+def read_deleted(path: str | Path) -> npt.NDArray[np.uint64]:
+    """The ids a delta deletes (verified); empty for a plain export."""
+    path = Path(path)
+    meta = read_meta(path)
+    if "deleted.npy" not in meta["files"]:
+        return np.zeros(0, np.uint64)
+    return np.asarray(_load_column(path, meta, "deleted.npy", mmap=False), dtype=np.uint64)
+
+
+def read_rows(path: str | Path, *, mmap: bool = False) -> tuple[TableSpec, int, RowBatch]:
+    """Load an export: ``(spec, state_width, rows)`` after verifying format and checksums."""
+    path = Path(path)
+    meta = read_meta(path)
     spec = TableSpec.from_dict(meta["table"])
     cols: dict[str, npt.NDArray[Any]] = {}
     for c in _COLUMNS:
-        entry, file = meta["files"][f"{c}.npy"], path / f"{c}.npy"
-        if not file.is_file() or _sha256(file) != entry["sha256"]:
-            raise ExportError(f"{file}: missing or checksum mismatch")
-        arr = np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
-        if arr.dtype.str != entry["dtype"] or list(arr.shape) != entry["shape"]:
-            raise ExportError(f"{file}: {arr.dtype}{arr.shape} does not match meta.json")
-        cols[c] = arr
+        cols[c] = _load_column(path, meta, f"{c}.npy", mmap)
     state_width = int(meta["state_width"])
     try:
         rows = RowBatch(**cols).validated(spec.dim, state_width)

@@ -143,3 +143,23 @@ def test_import_refuses_other_shapes(tmp_path: Path) -> None:
     )
     with pytest.raises(ExportError, match="does not fit"):
         import_table(other, tmp_path / "e")
+
+
+def test_deleted_ids_and_info_of_a_delta(tmp_path: Path) -> None:
+    from pipeline.ps.export import read_deleted, read_meta
+
+    table = filled_table(budget=None)
+    batch = next(table.export_rows(chunk_rows=5))
+    gone = np.array([2**64 - 1, 0, 7], np.uint64)
+    write_rows(tmp_path / "d", SPEC, table.state_width, [batch], deleted=gone, info={"cut": 3})
+    assert read_deleted(tmp_path / "d").tolist() == gone.tolist()
+    assert read_meta(tmp_path / "d")["info"] == {"cut": 3}
+    _, _, rows = read_rows(tmp_path / "d")  # still a plain export to every other reader
+    assert rows.ids.tolist() == batch.ids.tolist()
+    export_table(table, tmp_path / "plain")
+    assert read_deleted(tmp_path / "plain").shape == (0,)
+    raw = bytearray((tmp_path / "d" / "deleted.npy").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "d" / "deleted.npy").write_bytes(bytes(raw))
+    with pytest.raises(ExportError, match="checksum"):
+        read_deleted(tmp_path / "d")
