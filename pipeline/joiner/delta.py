@@ -77,8 +77,11 @@ def encode_delta(
     has = t.feat[rows] >= 0
     frows = rows[has]
     waiting = []
-    for j, row in enumerate(rows.tolist()):
-        for c in joiner.orphans.get(row, []):
+    held: list[int] = []
+    if joiner.orphans:
+        held = np.flatnonzero(np.isin(rows, np.fromiter(joiner.orphans, np.int64))).tolist()
+    for j in held:
+        for c in joiner.orphans[int(rows[j])]:
             cl, o = c.click, c.origin
             key = None if o.key is None else base64.b64encode(o.key).decode()
             waiting.append(

@@ -258,7 +258,9 @@ class JoinEngine:
     def _advance_positions(self, part: Any, off: Any, is_click: Any) -> None:
         """Next offsets per (partition, stream): one past the last message polled."""
         code = part * 2 + is_click
-        last = np.flatnonzero(np.concatenate([code[1:] != code[:-1], [True]]))
+        order = np.argsort(code, kind="stable")  # offsets grow within each (partition, topic)
+        sc = code[order]
+        last = order[np.flatnonzero(np.concatenate([sc[1:] != sc[:-1], [True]]))]
         for c, o in zip(code[last].tolist(), off[last].tolist(), strict=True):
             stream = "clicks" if c & 1 else "impressions"
             positions = self.positions[c >> 1]

@@ -343,7 +343,7 @@ def _slot_of(cols: RecordColumns, fmap: MapColumn, slots: tuple[str, ...]) -> I6
     tstart = np.arange(len(names), dtype=np.int64) * width
     fps = key_fingerprint(tbuf, tstart, lengths)
     n0, n1 = key_words(tbuf, tstart, lengths)
-    if len(np.unique(fps)) < len(fps):  # two names share a fingerprint: compare all bytes
+    if len(set(fps.tolist())) < len(fps):  # two names share a fingerprint: compare all bytes
         return _slot_of_bytes(cols, fmap, table, lengths)
     order = np.argsort(fps)
     at = np.minimum(np.searchsorted(fps[order], fmap.key_hash), len(names) - 1)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.arrayops import unique
 from pipeline.codec.hashing import hash64
 from pipeline.codec.slots import SlotConfig
 from pipeline.joiner.records import Click, Impression, Origin
@@ -80,7 +81,8 @@ BOOL = npt.NDArray[np.bool_]
 # row flags
 LATE, CLICKED, KEEP = 1, 2, 4
 DROPPED = 3  # kind of a closed key whose negative was downsampled away (never emitted)
-_PRIMARY = (1 << Kind.NEGATIVE) | (1 << Kind.POSITIVE)
+NEG, POS, CORR = int(Kind.NEGATIVE), int(Kind.POSITIVE), int(Kind.CORRECTION)
+_PRIMARY = (1 << NEG) | (1 << POS)
 _NO_WM = np.iinfo(np.int64).min  # "no watermark yet": nothing is before it
 IMP, CLK = 0, 1
 
@@ -349,36 +351,131 @@ class PartitionJoiner:
     # -- joining --------------------------------------------------------------------------
 
     def _join(self, b: EventBatch, before: I64) -> None:
-        t, w = self.table, self.config.window_ms
+        """Each key's events in rounds: round r takes every key's r-th event of the batch.
+
+        Keys are independent, so a round (at most one event per key) is decided in a
+        few vectorized steps per kind of situation; what fits none of them goes through
+        the per-key path one event at a time.
+        """
         n = len(b)
         order = np.argsort(b.key, kind="stable")
         sk = b.key[order]
         first = np.ones(n, dtype=bool)
         first[1:] = sk[1:] != sk[:-1]
-        group = np.cumsum(first) - 1
-        counts = np.bincount(group)
-        single = np.empty(n, dtype=bool)
-        single[order] = counts[group] == 1
-        rows_u = t.index.lookup(sk[first])
-        row = np.empty(n, dtype=np.int32)
-        row[order] = rows_u[group]
+        starts = np.flatnonzero(first)
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+        if len(starts) == n:
+            self._round(b, before, np.arange(n))
+            return
+        by_rank = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
+        for r in range(len(bounds) - 1):
+            self._round(b, before, by_rank[bounds[r] : bounds[r + 1]])
+
+    def _round(self, b: EventBatch, before: I64, ev: I64) -> None:
+        """Events ``ev`` of distinct keys, each after the key's earlier events."""
+        t, w, c = self.table, self.config.window_ms, self.counters
+        row = t.index.lookup(b.key[ev])
         safe = np.maximum(row, 0)
         status = np.where(row >= 0, t.status[safe], FREE)
-        fast_imp = single & ~b.click & (row < 0)
-        fast_clk = (
-            single
-            & b.click
-            & (status == PENDING)
-            & ((t.flags[safe] & CLICKED) == 0)
-            & ~(t.time[safe] + w < before)
-        )
-        if fast_clk.any():
-            self._clicks_on_open(row[fast_clk], b.time[fast_clk])
-        if fast_imp.any():
-            self._open(b, np.flatnonzero(fast_imp), before)
-        slow = ~(fast_imp | fast_clk)
+        wmb = before[ev]
+        when = t.time[safe]
+        open_now = (status == PENDING) & ~(when + w < wmb)
+        kept_now = (status == DONE) & ~(when + self._keep_ms < wmb)
+        click = b.click[ev]
+        imp = ~click
+        dup = imp & (open_now | kept_now)
+        c.duplicate_impressions += int(dup.sum())
+        opening = imp & (row < 0)
+        on_open = click & open_now
+        on_done = click & kept_now
+        orphan = click & (row < 0)
+        meets = imp & (status == NONE) & self._ready(row, wmb)
+        slow = ~(dup | opening | on_open | on_done | orphan | meets)
+        if on_open.any():
+            self._clicks_on_open(row[on_open], b.time[ev[on_open]])
+        if on_done.any():
+            self._clicks_on_closed(row[on_done])
+        if opening.any():
+            self._open(b, ev[opening], before)
+        if orphan.any():
+            self._wait(b, ev[orphan])
+        if meets.any():
+            self._meet(b, ev[meets], row[meets], before)
         if slow.any():
-            self._slow(b, before, order[slow[order]])
+            self._slow(b, before, ev[slow])
+
+    def _clicks_on_closed(self, rows: npt.NDArray[np.int32]) -> None:
+        """Clicks on closed keys still remembered: late (once), else duplicates."""
+        t, c = self.table, self.counters
+        dup = (t.kind[rows] == POS) | ((t.flags[rows] & LATE) != 0)
+        c.duplicate_clicks += int(dup.sum())
+        late = rows[~dup]
+        if not len(late):
+            return
+        t.flags[late] |= LATE
+        t.dirty[late] = True
+        c.late_clicks += len(late)
+        if self.config.late_corrections:
+            self._emit(late, np.full(len(late), CORR, dtype=np.uint8))
+
+    def _ready(self, row: npt.NDArray[np.int32], wmb: I64) -> BOOL:
+        """Rows without an impression that the watermark has not touched before each event
+        (their waiting clicks not due, their replay marks not expired)."""
+        t = self.table
+        ok = np.ones(len(row), dtype=bool)
+        candidates = np.flatnonzero((row >= 0) & (t.status[np.maximum(row, 0)] == NONE))
+        for j in candidates.tolist():
+            r, wm = int(row[j]), int(wmb[j])
+            waiting = self.orphans.get(r)
+            if (waiting and min(c.click.event_time for c in waiting) < wm) or (
+                t.emitted[r] and t.time[r] + self._keep_ms < wm
+            ):
+                ok[j] = False
+        return ok
+
+    def _meet(self, b: EventBatch, ev: I64, rows: npt.NDArray[np.int32], before: I64) -> None:
+        """Impressions of keys whose clicks arrived first: open, then apply the clicks."""
+        t, c, w = self.table, self.counters, self.config.window_ms
+        self._set_pending(rows, b, ev)
+        ends = b.time[ev] + w
+        c.late_impressions += int((ends < before[ev]).sum())
+        flags = t.flags[rows].tolist()
+        hit = np.zeros(len(rows), dtype=bool)
+        at_close = self.config.positives_at_close
+        for j, (row, end) in enumerate(zip(rows.tolist(), ends.tolist(), strict=True)):
+            f = flags[j]
+            for waiting in self.orphans.pop(row, []):
+                if hit[j] or f & CLICKED:
+                    c.duplicate_clicks += 1  # a second click after the positive
+                elif waiting.click.event_time <= end:
+                    if at_close:
+                        f |= CLICKED
+                    else:
+                        hit[j] = True
+                elif f & LATE:
+                    c.duplicate_clicks += 1
+                else:
+                    f |= LATE
+                    c.late_clicks += 1
+            flags[j] = f
+        t.flags[rows] = np.asarray(flags, dtype=np.uint8)
+        if hit.any():
+            pos = np.full(int(hit.sum()), POS, dtype=np.uint8)
+            self._emit(rows[hit], pos)
+            self._finish(rows[hit], pos)
+        self._push(self._closing, ends[~hit], rows[~hit])
+
+    def _wait(self, b: EventBatch, ev: I64) -> None:
+        """Clicks of keys with no state: they wait for their impression."""
+        t = self.table
+        rows = t.alloc(b.key[ev])
+        t.status[rows] = NONE
+        t.dirty[rows] = True
+        for row, i in zip(rows.tolist(), ev.tolist(), strict=True):
+            self.orphans[row] = [b.orphan(i)]
+        self._push(self._orphan_due, b.time[ev], rows)
 
     def _open(self, b: EventBatch, ev: I64, before: I64) -> None:
         """New impressions of keys with no state: open their windows."""
@@ -400,8 +497,12 @@ class PartitionJoiner:
         self.counters.unknown_features += int(b.unknown[ev].sum())
 
     def _clicks_on_open(self, rows: npt.NDArray[np.int32], times: I64) -> None:
-        """First clicks (in this batch) on open, not yet clicked windows."""
+        """Clicks on open windows (one per key)."""
         t, w = self.table, self.config.window_ms
+        clicked = (t.flags[rows] & CLICKED) != 0
+        if clicked.any():
+            self.counters.duplicate_clicks += int(clicked.sum())
+            rows, times = rows[~clicked], times[~clicked]
         inside = times <= t.time[rows] + w
         outside = rows[~inside]
         if len(outside):
@@ -417,23 +518,23 @@ class PartitionJoiner:
             t.flags[hits] |= CLICKED
             t.dirty[hits] = True
             return
-        self._emit(hits, np.full(len(hits), Kind.POSITIVE, dtype=np.uint8))
-        self._finish(hits, np.full(len(hits), Kind.POSITIVE, dtype=np.uint8))
+        self._emit(hits, np.full(len(hits), POS, dtype=np.uint8))
+        self._finish(hits, np.full(len(hits), POS, dtype=np.uint8))
 
     def _emit(self, rows: npt.NDArray[np.int32], kinds: npt.NDArray[np.uint8]) -> None:
         """Emit samples of ``kinds`` for ``rows``, except those already on the topic."""
         t = self.table
         em = t.emitted[rows]
-        primary = kinds != Kind.CORRECTION
-        done_before = np.where(primary, (em & _PRIMARY) != 0, (em & (1 << Kind.CORRECTION)) != 0)
+        primary = kinds != CORR
+        done_before = np.where(primary, (em & _PRIMARY) != 0, (em & (1 << CORR)) != 0)
         c = self.counters
         c.replay_suppressed += int(done_before.sum())
         rows, kinds = rows[~done_before], kinds[~done_before]
         if not len(rows):
             return
-        c.negatives += int((kinds == Kind.NEGATIVE).sum())
-        c.positives += int((kinds == Kind.POSITIVE).sum())
-        c.corrections += int((kinds == Kind.CORRECTION).sum())
+        c.negatives += int((kinds == NEG).sum())
+        c.positives += int((kinds == POS).sum())
+        c.corrections += int((kinds == CORR).sum())
         ids, present = t.features(rows)
         self._out.parts.append(
             Samples(t.key[rows], kinds, t.time[rows], t.user[rows], ids, present)
@@ -447,7 +548,7 @@ class PartitionJoiner:
         t.dirty[rows] = True
         if self.config.late_corrections:
             # only an unclicked key can still get a correction: it keeps its features
-            t.drop_features(rows[kinds == Kind.POSITIVE])
+            t.drop_features(rows[kinds == POS])
         else:
             t.drop_features(rows)
         self._push(self._expiry, t.time[rows] + self._keep_ms, rows)
@@ -461,14 +562,14 @@ class PartitionJoiner:
         flags = t.flags[rows]
         clicked = (flags & CLICKED) != 0
         keep = (flags & KEEP) != 0
-        kinds = np.where(clicked, Kind.POSITIVE, np.where(keep, Kind.NEGATIVE, DROPPED))
+        kinds = np.where(clicked, POS, np.where(keep, NEG, DROPPED))
         kinds = kinds.astype(np.uint8)
         self.counters.negatives_dropped += int((kinds == DROPPED).sum())
         emit = kinds != DROPPED
         self._emit(rows[emit], kinds[emit])
         if self.config.late_corrections:
             late = rows[~clicked & ((flags & LATE) != 0)]
-            self._emit(late, np.full(len(late), Kind.CORRECTION, dtype=np.uint8))
+            self._emit(late, np.full(len(late), CORR, dtype=np.uint8))
         self._finish(rows, kinds)
 
     def _push(self, queue: TimerQueue, due: Any, rows: Any) -> None:
@@ -545,14 +646,14 @@ class PartitionJoiner:
         if status == PENDING:
             self._click_on_pending(row, int(b.time[i]))
         elif status == DONE:
-            if t.kind[row] == Kind.POSITIVE or t.flags[row] & LATE:
+            if t.kind[row] == POS or t.flags[row] & LATE:
                 c.duplicate_clicks += 1
             else:
                 t.flags[row] |= LATE
                 t.dirty[row] = True
                 c.late_clicks += 1
                 if self.config.late_corrections:
-                    self._emit(np.array([row], np.int32), np.array([Kind.CORRECTION], np.uint8))
+                    self._emit(np.array([row], np.int32), np.array([CORR], np.uint8))
         else:
             if row < 0:
                 row = int(t.alloc(np.array([k], dtype=np.uint64))[0])
@@ -573,7 +674,7 @@ class PartitionJoiner:
                 t.flags[row] |= CLICKED
                 t.dirty[row] = True
                 return
-            pos = np.array([Kind.POSITIVE], dtype=np.uint8)
+            pos = np.array([POS], dtype=np.uint8)
             self._emit(r, pos)
             self._finish(r, pos)
         elif flags & LATE:
@@ -617,7 +718,7 @@ class PartitionJoiner:
         ok &= t.time[rows] + self._keep_ms == due
         rows = rows[ok]
         if len(rows):
-            rows = np.unique(rows)
+            rows = unique(rows)
             waiting = np.array([r in self.orphans for r in rows.tolist()], dtype=bool)
             if waiting.any():  # marks expire, the clicks still wait for their impression
                 t.emitted[rows[waiting]] = 0

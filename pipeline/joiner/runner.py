@@ -218,7 +218,8 @@ class JoinRunner:
         begin = time.perf_counter()
         engine = self._engine
         parts = list(parts)
-        self._produce(prod, engine.drain())
+        for p in parts:
+            self._produce(prod, engine.drain(p))
         targets = dict(self._produced)
         positions = {
             tp: self._out_pos.get(tp, 0)
@@ -440,6 +441,7 @@ class JoinRunner:
         )
         interval_ms = int(self.settings.checkpoint_interval_s * 1000)
         last_checkpoint = self.clock()
+        due: list[int] = []  # partitions to cut in this checkpoint interval
         try:
             while not stop.is_set():
                 msgs = cons.consume(num_messages=self.poll_size, timeout=0.1)
@@ -452,9 +454,12 @@ class JoinRunner:
                 if self._errors:
                     self._flush(prod)
                 self._advance_rounds(prod, cons, store)
-                if now - last_checkpoint >= interval_ms and engine.joiners:
-                    self._start_round(prod, store, list(engine.joiners))
+                if not due and now - last_checkpoint >= interval_ms and engine.joiners:
+                    due = sorted(engine.joiners)
                     last_checkpoint = now
+                due = [p for p in due if p in engine.joiners]
+                if due:  # one partition per poll: each cut stays short
+                    self._start_round(prod, store, [due.pop(0)])
                     log.info(
                         "checkpoint cut in %.1f ms (%d rounds in flight): %s",
                         self.round_ms[-1],
