@@ -1,34 +1,33 @@
-"""Trainer throughput: the full pipeline (Kafka -> PS -> commit) vs in-process PyTorch.
+"""Trainer throughput and quality: a plain PyTorch loop, in process, and the full pipeline.
 
-Usage: ``python benchmarks/train.py [--rows N] [--dataset synthetic|criteo] [--device cpu]``.
+Usage: ``python benchmarks/train.py [--rows 200000] [--dataset synthetic|criteo]``.
 
-Starts its own embedded stack (broker + redis-server, free ports, temp dir), produces the
-whole data set to the samples topic first, then runs, on the same rows and model:
+Every case trains the same model (the layout's default DeepFM, ``default_model``) on
+the same rows, once, in stream order, and reports what its rows/s bought: progressive
+AUC (scikit-learn, every prediction made before its row was trained) and COPC (clicks
+over predicted clicks). Cases, all measured in this run:
 
-1. **in-process** (the baseline): :class:`~pipeline.train.trainer.Trainer` with
-   :class:`~pipeline.train.backend.LocalBackend` (in-process tables, the shard servers'
-   optimizers) and the rows in memory (``IterSource``), sync mode: no Kafka, Redis or
-   other process. This is what the PyTorch model costs on this machine. Run before and
-   after the pipeline runs; the faster of the two is the baseline.
-2. **pipeline** runs: 2 ``pipeline ps`` shard processes, then 1 or 2 ``pipeline train``
-   processes (async mode) consuming the already-produced topic as a fresh consumer group
-   each (every run reads every row; each run has its own tables, so none starts warm).
-   Rows/s is all rows over the span from the first to the last trained batch of the
-   group (``first_row_at`` / ``last_row_at`` of each trainer's ``--json``), so process
-   start-up, the group join and the idle exit are not counted; rebalances are.
+1. **plain torch** (the ceiling): the same ``CTRModel`` in a plain PyTorch loop, its
+   sparse rows in full ``nn.Embedding``-style tables (ids mapped to rows up front, not
+   timed) stepped by torch's sparse Adagrad, dense parameters by the same optimizers,
+   batches of the established size, no cache, metrics, Kafka or PS;
+2. **in-process**: :class:`~pipeline.train.trainer.Trainer` with the shipped defaults on
+   :class:`~pipeline.train.backend.LocalBackend` (the shard servers' tables in process);
+3. **pipeline**: 2 ``pipeline ps`` shard processes and 1 or 2 ``pipeline train``
+   processes with the shipped defaults (``--threads 1`` each: the thread budget of a
+   2-core box), a fresh consumer group and fresh tables per run, rows produced to the
+   samples topic first. Rows/s is all rows over the span from the group's first to its
+   last trained batch (process start, group join and idle exit are not counted);
+4. **pipeline, 32-row sync** (``--mode sync --batch-rows 32``): the configuration whose
+   quality the defaults must match, for the speed ratio.
 
-How to read the table:
+Then the **fixed cost per batch**: the in-process trainer (sync steps, a fixed batch
+size) and the plain loop at two batch sizes; ``time per batch = fixed + rows x per-row``
+is solved from the two points. Target: fixed cost at most 2x the plain loop's.
 
-* ``ratio`` is pipeline rows/s over in-process rows/s (the issue's target: >= 1.0 with
-  the device cache). On a 2-core machine broker, Redis, both shard servers and the
-  trainers share the cores with the model, so 2 trainers cannot scale here.
-* ``cache`` is ``pass_batches/max_age_passes``: ``1/0`` is no device cache (every batch
-  pulls its unique ids and pushes its gradients); ``8/0`` pulls each id once per pass of
-  8 batches; ``8/4`` also reuses rows pulled up to 4 passes ago (staler rows).
-* ``hit rate`` = 1 - pulled ids / the ids that pulling per batch would fetch (each
-  batch's unique ids, per table): 0 without the cache.
-* ``keys/row`` = (pulled + pushed ids, all tables) / trained rows: Redis rows read
-  (MGET) and written (XADD entries, applied by the shard servers) per sample.
+``x plain`` is rows/s over the plain loop's; ``x 1 trainer`` is the 2-trainer rate over
+the 1-trainer rate (target >= 1.6 on this 2-core box); ``x sync32`` is a rate over the
+32-row sync pipeline run.
 """
 
 from __future__ import annotations
@@ -42,22 +41,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
+import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, private_stack
 
 from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch
-from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
+from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
+from pipeline.model.features import SparseInput, batch_ids
+from pipeline.model.modules import build_model, set_output_bias
 from pipeline.model.spec import ModelSpec
-from pipeline.ps.catalog import load_catalog
 from pipeline.ps.spec import TableSpec
 from pipeline.topics import apply_topics, load_topic_specs
+from pipeline.train.defaults import default_model, default_tables
+from pipeline.train.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_TSV = ROOT.parent / "shared" / "data" / "criteo" / "train.tsv"
@@ -65,106 +70,156 @@ PREFIX = "bench."
 SHARDS = 2
 
 
-@dataclass(frozen=True)
-class Case:
-    """One pipeline run: trainer processes and their device-cache settings."""
+@dataclass
+class Run:
+    """One case's rows/s and the quality it was bought at."""
 
-    trainers: int
-    pass_batches: int
-    max_age: int
+    name: str
+    rows: int
+    seconds: float
+    preds: np.ndarray
+    labels: np.ndarray
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def cache(self) -> str:
-        return f"{self.pass_batches}/{self.max_age}"
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds
 
+    @property
+    def auc(self) -> float:
+        return float(roc_auc_score(self.labels, self.preds))
 
-CASES = (
-    Case(1, 1, 0),  # no device cache
-    Case(1, 8, 0),
-    Case(1, 8, 4),
-    Case(2, 8, 4),
-)
+    @property
+    def copc(self) -> float:
+        return float(self.labels.sum() / self.preds.sum())
 
 
 # -- data and specs ------------------------------------------------------------
-def load_rows(
-    dataset: str, rows: int, message_rows: int
-) -> tuple[list[SampleBatch], dict[str, Any]]:
-    """Messages of ``message_rows`` rows, and the model spec (as a dict) that fits them."""
-    model = yaml.safe_load((ROOT / "deploy" / "models" / "deepfm.yaml").read_text())
+def load_rows(dataset: str, rows: int) -> SampleBatch:
+    """``rows`` samples in stream order: the synthetic generator, or the Criteo sample
+    repeated (later epochs see known ids)."""
     if dataset == "synthetic":
         gen = TrafficGenerator(TrafficConfig(seed=7))
-        model.update(slots=list(SLOTS), dense_dim=0)
-        return [b for b, _ in gen.samples(rows, message_rows)], model
+        return concat([b for b, _ in gen.samples(rows, 8192)])
     from pipeline.ingest.adapters import open_dataset
 
     if not CRITEO_TSV.is_file():
         raise SystemExit(f"{CRITEO_TSV} not found (needed by --dataset criteo)")
     sample = concat(list(open_dataset(CRITEO_TSV).batches(8192)))
-    # the sample (7,200 rows) repeated up to --rows: later epochs see known ids
-    out = []
-    for start in range(0, rows, message_rows):
-        take = min(message_rows, rows - start)
-        lo = start % sample.num_rows
-        piece = sample.slice(lo, min(lo + take, sample.num_rows))
-        if piece.num_rows < take:
-            piece = concat([piece, sample.slice(0, take - piece.num_rows)])
-        out.append(piece)
-    return out, model
+    repeats = -(-rows // sample.num_rows)
+    return concat([sample] * repeats).slice(0, rows)
 
 
-def run_tables(run: str) -> list[dict[str, Any]]:
-    """The catalog's tables renamed ``<run>_<name>``: every run starts with empty tables."""
-    out = []
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{run}_{spec.name}"
-        out.append(data)
-    return out
+def specs(rows: SampleBatch, run: str) -> tuple[list[TableSpec], ModelSpec]:
+    """The layout's default tables and DeepFM, named for ``run`` (every run starts empty)."""
+    layout = rows.config
+    return default_tables(layout, prefix=f"{run}_"), default_model(layout, prefix=f"{run}_")
 
 
-def run_model(model: dict[str, Any], run: str) -> dict[str, Any]:
-    return {
-        **model,
-        "name": f"bench_{run}",
-        "wide_table": f"{run}_wide",
-        "deep_table": f"{run}_deep",
-    }
+# -- plain torch ---------------------------------------------------------------
+def plain_torch(rows: SampleBatch, batch_rows: int, limit: int | None = None) -> Run:
+    """The same model in a plain PyTorch loop over full tables with sparse Adagrad."""
+    from pipeline.train.trainer import dense_optimizer
+
+    tables, spec = specs(rows, "plain")
+    n = rows.num_rows if limit is None else min(limit, rows.num_rows)
+    batches = [rows.slice(s, min(s + batch_rows, n)) for s in range(0, n, batch_rows)]
+    prepared = []
+    all_ids = [batch_ids(b, spec.slots) for b in batches]
+    vocab = np.unique(np.concatenate([ids.unique for ids in all_ids]))
+    for batch, ids in zip(batches, all_ids, strict=True):
+        prepared.append(
+            (
+                torch.from_numpy(np.searchsorted(vocab, ids.unique)),
+                ids,
+                torch.from_numpy(ids.index),
+                torch.from_numpy(ids.offsets),
+                torch.from_numpy(np.array(batch.dense, np.float32)),
+                torch.from_numpy(np.array(batch.labels, np.float32)),
+                torch.from_numpy(np.array(batch.weights, np.float32)),
+            )
+        )
+    model = build_model(spec, seed=0)
+    labels0 = np.asarray(batches[0].labels, np.float64)
+    ctr = (labels0.sum() + 0.5) / (len(labels0) + 1.0)
+    set_output_bias(model, float(np.log(ctr / (1 - ctr))))
+    dense_opt = dense_optimizer(spec, model)
+    by_name = {t.name: t for t in tables}
+    sparse = {}
+    for name, dim in spec.tables().items():
+        table = by_name[name]
+        init = 0.01 if table.initializer.kind == "uniform" else 0.0
+        weight = torch.empty(len(vocab), dim).uniform_(-init, init).requires_grad_(True)
+        opt = torch.optim.Adagrad(
+            [weight], lr=table.optimizer.lr, initial_accumulator_value=0.1
+        )  # sparse gradients: only the batch's rows move
+        sparse[name] = (weight, opt)
+    params = list(model.parameters())
+    preds: list[np.ndarray] = []
+    began = time.perf_counter()
+    for rows_t, ids, index, offsets, dense, labels, weights in prepared:
+        inputs = {}
+        for name, (weight, _) in sparse.items():
+            leaf = torch.nn.functional.embedding(rows_t, weight, sparse=True)
+            inputs[name] = SparseInput(
+                leaf, index, offsets, ids.num_rows, ids.num_slots, one_hot=ids.one_hot
+            )
+        logits = model(inputs, dense)
+        preds.append(torch.sigmoid(logits.detach()).numpy())
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, weight=weights, reduction="sum"
+        )
+        for p in params:
+            p.grad = None
+        for weight, _ in sparse.values():
+            weight.grad = None
+        loss.backward()
+        dense_grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(dense_grads, 1.0 / float(weights.sum()))
+        dense_opt.step()
+        for _, opt in sparse.values():
+            opt.step()
+    seconds = time.perf_counter() - began
+    y = np.concatenate([np.asarray(b.labels) for b in batches])
+    return Run("plain torch (ceiling)", n, seconds, np.concatenate(preds), y)
 
 
-# -- in-process baseline -------------------------------------------------------
+# -- in process ----------------------------------------------------------------
 def in_process(
-    messages: list[SampleBatch], model: dict[str, Any], batch_rows: int, device: str
-) -> dict[str, float]:
-    """Trainer + LocalBackend + IterSource, sync mode: the same model, rows in memory."""
+    rows: SampleBatch, settings: TrainerSettings, name: str, limit: int | None = None
+) -> Run:
+    """The Trainer on LocalBackend with ``settings``, rows cut as its schedule asks."""
     from pipeline.train.backend import LocalBackend
-    from pipeline.train.batching import TrainBatch
-    from pipeline.train.settings import TrainerSettings
-    from pipeline.train.trainer import IterSource, Trainer
+    from pipeline.train.trainer import RowSource, Trainer
 
-    tables = {t["name"]: TableSpec.from_dict(t) for t in run_tables("local")}
-    spec = ModelSpec.from_dict(run_model(model, "local"))
-    rows = concat(messages)
-    batches = [
-        TrainBatch(rows.slice(s, min(s + batch_rows, rows.num_rows)), (), 0)
-        for s in range(0, rows.num_rows, batch_rows)
-    ]
-    settings = TrainerSettings(mode="sync", batch_rows=batch_rows, device=device)
-    trainer = Trainer(spec, tables, LocalBackend(list(tables.values())), settings)
-    result = trainer.run(IterSource(batches))
+    tables, spec = specs(rows, "local")
+    if limit is not None:
+        rows = rows.slice(0, min(limit, rows.num_rows))
+    trainer = Trainer(
+        spec,
+        {t.name: t for t in tables},
+        LocalBackend(tables),
+        settings,
+        keep_predictions=True,
+    )
+    began = time.perf_counter()
+    result = trainer.run(RowSource(rows, settings.batch_rows))
+    seconds = time.perf_counter() - began
     trainer.close()
-    return {
-        "rows": float(result.rows),
-        "rows/s": result.rows / (result.last_row_at - result.first_row_at),
-        "keys/row": (result.pulled_keys + result.pushed_keys) / result.rows,
-        "hit": 1 - result.pulled_keys / result.batch_lookups,
-    }
+    return Run(
+        name,
+        result.rows,
+        seconds,
+        np.concatenate(result.predictions),
+        np.concatenate(result.labels),
+        {"batches": result.batches},
+    )
 
 
 # -- pipeline ------------------------------------------------------------------
 def _cli(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "--log-level", "info", *args],
+        [sys.executable, "-m", "pipeline.cli", "--log-level", "info", "--threads", "1", *args],
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
         text=True,
@@ -176,23 +231,27 @@ def _cli(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[st
 def _stop(procs: list[subprocess.Popen[str]]) -> None:
     for p in procs:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
     for p in procs:
         try:
             p.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
-def produce(bootstrap: str, topic: str, messages: list[SampleBatch], partitions: int) -> float:
+def produce(bootstrap: str, topic: str, rows: SampleBatch, partitions: int) -> float:
+    """The rows as 1024-row messages, round-robin over the partitions; seconds taken."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     start = time.perf_counter()
-    for i, batch in enumerate(messages):
+    for i, lo in enumerate(range(0, rows.num_rows, 1024)):
+        value = encode_batch(rows.slice(lo, min(lo + 1024, rows.num_rows)))
         while True:
             try:
-                producer.produce(topic, encode_batch(batch), partition=i % partitions)
+                producer.produce(topic, value, partition=i % partitions)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -227,33 +286,47 @@ def shard_servers(catalog: Path, url: str, tmp: Path, tables: list[str]) -> Iter
 
 
 def pipeline_run(
-    case: Case, run: str, model: Path, catalog: Path, env: dict[str, str], args: Any, tmp: Path
-) -> dict[str, float]:
-    """``case.trainers`` trainer processes, one consumer group; their --json summaries merged."""
+    name: str,
+    run: str,
+    trainers: int,
+    extra: list[str],
+    rows: SampleBatch,
+    env: dict[str, str],
+    tmp: Path,
+    args: Any,
+) -> Run:
+    """``trainers`` ``pipeline train`` processes in one fresh consumer group."""
+    _, spec = specs(rows, run)
+    model = tmp / f"{run}.yaml"
+    model.write_text(yaml.safe_dump(spec.to_dict()))
     base = [
         "train",
         "--config",
         str(model),
         "--tables",
-        str(catalog),
+        str(tmp / "tables.yaml"),
         "--job",
         run,
-        "--mode",
-        "async",
-        "--batch-rows",
-        str(args.batch_rows),
-        "--pass-batches",
-        str(case.pass_batches),
         "--device",
         args.device,
         "--idle-exit",
         str(args.idle_exit),
         "--json",
+        *extra,
     ]
-    env = {**env, "PIPELINE_TRAIN_MAX_AGE_PASSES": str(case.max_age)}
     procs = [
-        _cli([*base, "--trainer-id", f"{run}-t{n}"], tmp / f"{run}-t{n}.log", env)
-        for n in range(case.trainers)
+        _cli(
+            [
+                *base,
+                "--trainer-id",
+                f"{run}-t{n}",
+                "--predictions-out",
+                str(tmp / f"{run}-{n}.npz"),
+            ],
+            tmp / f"{run}-t{n}.log",
+            env,
+        )
+        for n in range(trainers)
     ]
     results = []
     try:
@@ -265,115 +338,140 @@ def pipeline_run(
             results.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         _stop(procs)
-    rows = sum(r["rows"] for r in results)
-    if not rows:
-        logs = "\n".join((tmp / f"{run}-t{n}.log").read_text()[-1500:] for n in range(len(procs)))
-        raise SystemExit(f"run {run}: no row trained (raise --idle-exit?)\n{logs}")
-    span = max(r["last_row_at"] for r in results) - min(r["first_row_at"] for r in results)
-    lookups = sum(r["batch_lookups"] for r in results)
-    moved = sum(r["pulled_keys"] + r["pushed_keys"] for r in results)
-    return {
-        "rows": float(rows),
-        "rows/s": rows / span,
-        "keys/row": moved / rows,
-        "hit": 1 - sum(r["pulled_keys"] for r in results) / lookups,
-        "split": "+".join(str(r["rows"]) for r in results),  # type: ignore[dict-item]
-    }
+    trained = sum(r["rows"] for r in results)
+    if trained != rows.num_rows:
+        print(f"  WARNING: {name} trained {trained} of {rows.num_rows} rows", file=sys.stderr)
+    span = max(r["last_row_at"] for r in results) - min(
+        r["first_row_at"] for r in results if r["rows"]
+    )
+    saved = [np.load(tmp / f"{run}-{n}.npz") for n in range(trainers)]
+    return Run(
+        name,
+        trained,
+        span,
+        np.concatenate([s["predictions"] for s in saved]).astype(np.float64),
+        np.concatenate([s["labels"] for s in saved]),
+        {"split": "+".join(str(r["rows"]) for r in results)},
+    )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rows", type=int, default=20_000, help="samples trained per run")
-    parser.add_argument("--dataset", choices=["synthetic", "criteo"], default="synthetic")
-    parser.add_argument("--batch-rows", type=int, default=256)
-    parser.add_argument("--message-rows", type=int, default=1024, help="rows per Kafka message")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (all runs)")
-    parser.add_argument("--idle-exit", type=float, default=10.0, help="trainers' --idle-exit (s)")
-    parser.add_argument("--run-timeout", type=float, default=600.0)
-    parser.add_argument(
-        "--cases", default="all", help="pipeline runs: all, or e.g. '1:8:4,2:8:4' (trainers:pb:age)"
-    )
-    args = parser.parse_args()
-    cases = (
-        CASES
-        if args.cases == "all"
-        else tuple(Case(*map(int, c.split(":"))) for c in args.cases.split(","))
-    )
-    messages, model = load_rows(args.dataset, args.rows, args.message_rows)
-    total = sum(m.num_rows for m in messages)
-    local = in_process(messages, model, args.batch_rows, args.device)
-    print(f"in-process: {local['rows/s']:,.0f} rows/s", file=sys.stderr)
-
+def pipeline_cases(rows: SampleBatch, args: Any) -> list[Run]:
+    cases = [
+        ("pipeline, 1 trainer, defaults", 1, []),
+        ("pipeline, 2 trainers, defaults", 2, []),
+    ]
+    if not args.skip_sync32:
+        cases.append(
+            ("pipeline, 1 trainer, 32-row sync", 1, ["--mode", "sync", "--batch-rows", "32"])
+        )
+    out = []
     with private_stack("train-bench-") as (stack, tmp):
-        table_rows = {}
         runs = [f"r{i}" for i in range(len(cases))]
-        tables = [t for run in runs for t in run_tables(run)]
-        catalog = tmp / "tables.yaml"
-        catalog.write_text(yaml.safe_dump({"tables": tables}))
-        specs = load_topic_specs()
-        apply_topics({"bootstrap.servers": stack.bootstrap}, specs, prefix=PREFIX)
-        partitions = next(s.partitions for s in specs if s.name == "samples")
-        produce_s = produce(stack.bootstrap, PREFIX + "samples", messages, partitions)
-        print(f"produced {total:,} rows in {produce_s:.1f} s", file=sys.stderr)
+        catalog = [t.to_dict() for run in runs for t in specs(rows, run)[0]]
+        (tmp / "tables.yaml").write_text(yaml.safe_dump({"tables": catalog}))
+        topics = load_topic_specs()
+        apply_topics({"bootstrap.servers": stack.bootstrap}, topics, prefix=PREFIX)
+        partitions = next(s.partitions for s in topics if s.name == "samples")
+        produce_s = produce(stack.bootstrap, PREFIX + "samples", rows, partitions)
+        print(f"produced {rows.num_rows:,} rows in {produce_s:.1f} s", file=sys.stderr)
         env = {
             "PIPELINE_KAFKA_BOOTSTRAP": stack.bootstrap,
             "PIPELINE_TOPICS_PREFIX": PREFIX,
             "PIPELINE_REDIS_URL": stack.redis_url,
             "PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000",
         }
-        with shard_servers(catalog, stack.redis_url, tmp, [t["name"] for t in tables]):
-            for case, run in zip(cases, runs, strict=True):
-                model_path = tmp / f"{run}.yaml"
-                model_path.write_text(yaml.safe_dump(run_model(model, run)))
-                table_rows[case] = pipeline_run(case, run, model_path, catalog, env, args, tmp)
-                got = table_rows[case]
+        with shard_servers(tmp / "tables.yaml", stack.redis_url, tmp, [t["name"] for t in catalog]):
+            for (name, trainers, extra), run in zip(cases, runs, strict=True):
+                got = pipeline_run(name, run, trainers, extra, rows, env, tmp, args)
                 print(
-                    f"{case.trainers} trainer(s), cache {case.cache}: "
-                    f"{got['rows/s']:,.0f} rows/s, rows per trainer {got['split']}",
+                    f"{name}: {got.rows_per_s:,.0f} rows/s, AUC {got.auc:.4f}, "
+                    f"rows per trainer {got.notes['split']}",
                     file=sys.stderr,
                 )
-                if int(got["rows"]) != total:
-                    print(f"  WARNING: trained {got['rows']:.0f} of {total} rows")
-    # the baseline again, after the pipeline runs: the best of both (a shared machine)
-    again = in_process(messages, model, args.batch_rows, args.device)
-    print(f"in-process again: {again['rows/s']:,.0f} rows/s", file=sys.stderr)
-    local = max(local, again, key=lambda r: r["rows/s"])
+                out.append(got)
+    return out
 
-    base = local["rows/s"]
-    rows_out: list[list[object]] = [
-        [
-            "in-process (LocalBackend, sync)",
-            "-",
-            "-",
-            local["rows/s"],
-            1.0,
-            local["hit"],
-            local["keys/row"],
-        ],
-    ]
-    for case, got in table_rows.items():
-        rows_out.append(
+
+# -- fixed cost per batch -------------------------------------------------------
+def fixed_costs(rows: SampleBatch, sizes: tuple[int, int]) -> list[list[object]]:
+    """Fixed ms per batch and us per row of the plain loop and the in-process trainer."""
+    table: list[list[object]] = []
+    fits = {}
+    for label in ("plain torch", "in-process trainer (sync steps)"):
+        per_batch = []
+        for size in sizes:
+            limit = min(rows.num_rows, max(40 * size, 20_000))
+            if label == "plain torch":
+                got = plain_torch(rows, size, limit)
+            else:
+                settings = TrainerSettings(mode="sync", batch_rows=size, device="cpu")
+                got = in_process(rows, settings, label, limit)
+            per_batch.append(got.seconds / -(-got.rows // size))
+        per_row = (per_batch[1] - per_batch[0]) / (sizes[1] - sizes[0])
+        fixed = per_batch[0] - per_row * sizes[0]
+        fits[label] = fixed
+        table.append([label, per_batch[0] * 1e3, per_batch[1] * 1e3, fixed * 1e3, per_row * 1e6])
+    ratio = fits["in-process trainer (sync steps)"] / fits["plain torch"]
+    table[-1].append(f"{ratio:.2f}x")
+    table[0].append("1.00x")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200_000, help="samples trained per case")
+    parser.add_argument("--dataset", choices=["synthetic", "criteo"], default="synthetic")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (all runs)")
+    parser.add_argument("--idle-exit", type=float, default=10.0, help="trainers' --idle-exit (s)")
+    parser.add_argument("--run-timeout", type=float, default=900.0)
+    parser.add_argument("--skip-pipeline", action="store_true", help="in-process cases only")
+    parser.add_argument("--skip-sync32", action="store_true", help="no 32-row sync pipeline run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the budget of one trainer on this box, for every case
+    rows = load_rows(args.dataset, args.rows)
+    defaults = TrainerSettings(device=args.device)
+    plain = plain_torch(rows, defaults.batch_rows)
+    print(f"plain torch: {plain.rows_per_s:,.0f} rows/s", file=sys.stderr)
+    runs = [plain, in_process(rows, defaults, "in-process, defaults")]
+    if not args.skip_pipeline:
+        runs += pipeline_cases(rows, args)
+    base = plain.rows_per_s
+    one = next((r for r in runs if r.name.startswith("pipeline, 1 trainer, defaults")), None)
+    sync32 = next((r for r in runs if "32-row sync" in r.name), None)
+    table = []
+    for r in runs:
+        table.append(
             [
-                f"pipeline, {case.trainers} trainer{'s' if case.trainers > 1 else ''}, async",
-                case.cache,
-                got["split"],
-                got["rows/s"],
-                got["rows/s"] / base,
-                got["hit"],
-                got["keys/row"],
+                r.name,
+                r.rows,
+                r.rows_per_s,
+                f"{r.rows_per_s / base:.2f}",
+                f"{r.rows_per_s / one.rows_per_s:.2f}"
+                if one and r.name.startswith("pipeline")
+                else "-",
+                f"{r.rows_per_s / sync32.rows_per_s:.1f}" if sync32 else "-",
+                f"{r.auc:.4f}",
+                f"{r.copc:.3f}",
             ]
         )
-    model_desc = f"{model['kind']} hidden {model['hidden']}, {len(model['slots'])} slots"
+    spec = specs(rows, "x")[1]
     print_table(
-        f"Training throughput, {args.dataset} data, {total:,} rows, {model_desc}, batch "
-        f"{args.batch_rows}, {SHARDS} shard processes, device {args.device}",
-        ["run", "cache", "rows/trainer", "rows/s", "ratio", "hit rate", "keys/row"],
-        rows_out,
+        f"Training, {args.dataset} data, {rows.num_rows:,} rows per case, {spec.kind} hidden "
+        f"{list(spec.hidden)}, {len(spec.slots)} slots, {SHARDS} shard processes, "
+        f"device {args.device}, 1 thread per trainer; defaults: {defaults.young_batch_rows}-row "
+        f"synchronous steps growing to {defaults.batch_rows}-row passes of {defaults.pass_batches}",
+        ["case", "rows", "rows/s", "x plain", "x 1 trainer", "x sync32", "prog AUC", "COPC"],
+        table,
     )
-    print(f"  data produced before the trainers start: {total / produce_s:,.0f} rows/s")
-    print("  ratio = rows/s / in-process rows/s (target >= 1.0 with the device cache)")
+    sizes = (64, 1024)
+    print_table(
+        f"Fixed cost per batch (time per batch = fixed + rows x per-row, from {sizes[0]}- and "
+        f"{sizes[1]}-row batches; target: at most 2x plain torch)",
+        ["loop", f"ms/batch@{sizes[0]}", f"ms/batch@{sizes[1]}", "fixed ms", "us/row", "x plain"],
+        fixed_costs(rows, sizes),
+    )
 
 
 if __name__ == "__main__":

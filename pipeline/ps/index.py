@@ -28,6 +28,7 @@ I64 = npt.NDArray[np.int64]
 _A = TypeVar("_A", bound=np.generic)
 _EMPTY, _FULL, _TOMB = np.uint8(0), np.uint8(1), np.uint8(2)
 _MAX_SLOT = 2**31 - 1
+_SCALAR_TAIL = 12  # probe chains left when the rest is walked one id at a time
 
 
 class HashIndex:
@@ -78,12 +79,34 @@ class HashIndex:
         active = np.arange(ids.shape[0])
         pos = self._home(ids)
         while active.shape[0]:
+            if active.shape[0] <= _SCALAR_TAIL:
+                self._find_tail(ids, active, pos, out)
+                break
             state = self._state[pos]
             hit = (state == _FULL) & (self._keys[pos] == ids[active])
             out[active[hit]] = pos[hit]
             keep = ~(hit | (state == _EMPTY))
             active, pos = active[keep], self._next(pos[keep])
         return out
+
+    def _find_tail(self, ids: U64, active: I64, pos: I64, out: I64) -> None:
+        """The last few probe chains one id at a time.
+
+        A batch needs as many vectorized rounds as its longest chain (10-20 at the
+        loads kept here), each a handful of numpy calls; the few ids left after the
+        first rounds walk their chains faster in plain Python.
+        """
+        keys, state, cap = self._keys, self._state, self.capacity
+        for i, p in zip(active.tolist(), pos.tolist(), strict=True):
+            key = ids[i]
+            while True:
+                st = state[p]
+                if st == _EMPTY:
+                    break
+                if st == _FULL and keys[p] == key:
+                    out[i] = p
+                    break
+                p = p + 1 if p + 1 < cap else 0
 
     def lookup(self, ids: U64) -> I64:
         """Slot of each id, -1 where missing."""
@@ -109,7 +132,11 @@ class HashIndex:
         buckets = self._find(ids)
         present = buckets >= 0
         self._vals[buckets[present]] = slots[present]
-        new_ids, new_slots = ids[~present], slots[~present]
+        self.add(ids[~present], slots[~present])
+
+    def add(self, ids: U64, slots: I64) -> None:
+        """Map ids that are unique and absent (the caller knows: no lookup, no dedup)."""
+        new_ids, new_slots = ids, slots
         if new_ids.shape[0] == 0:
             return
         if self._used + new_ids.shape[0] > self.max_load * self.capacity:
@@ -122,6 +149,9 @@ class HashIndex:
         active = np.arange(ids.shape[0])
         pos = self._home(ids)
         while active.shape[0]:
+            if active.shape[0] <= _SCALAR_TAIL:
+                self._place_tail(ids, slots, active, pos)
+                break
             state = self._state[pos]
             free = np.flatnonzero(state != _FULL)
             # Among ids racing for the same free bucket, the first in batch order wins.
@@ -135,6 +165,15 @@ class HashIndex:
             keep = np.ones(active.shape[0], dtype=bool)
             keep[win] = False
             active, pos = active[keep], self._next(pos[keep])
+
+    def _place_tail(self, ids: U64, slots: I64, active: I64, pos: I64) -> None:
+        """The last few ids of :meth:`_place`, one at a time (see :meth:`_find_tail`)."""
+        keys, vals, state, cap = self._keys, self._vals, self._state, self.capacity
+        for i, p in zip(active.tolist(), pos.tolist(), strict=True):
+            while state[p] == _FULL:
+                p = p + 1 if p + 1 < cap else 0
+            self._used += int(state[p] == _EMPTY)
+            keys[p], vals[p], state[p] = ids[i], slots[i], _FULL
 
     def _rehash(self, live_after: int) -> None:
         """Rebuild without tombstones, sized so ``live_after`` ids sit at 0.8 of max_load.
@@ -213,7 +252,7 @@ class SlotMap:
         self.high_water += k - reuse
         if self.high_water > self.ids.shape[0]:
             self.reserve(max(self.high_water, self.ids.shape[0] * 5 // 4))
-        self.index.insert(ids, slots)
+        self.index.add(ids, slots)  # unique and not yet mapped, as documented
         self.ids[slots] = ids
         self.live[slots] = True
         return slots

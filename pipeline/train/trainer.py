@@ -58,6 +58,7 @@ __all__ = [
     "StageTimes",
     "TrainResult",
     "Trainer",
+    "dense_optimizer",
     "pick_device",
 ]
 
@@ -221,7 +222,7 @@ class Trainer:
         torch.manual_seed(settings.seed)
         self.model: CTRModel = build_model(spec, seed=settings.seed).to(self.device)
         self.model.train()
-        self.optimizer = _dense_optimizer(spec, self.model)
+        self.optimizer = dense_optimizer(spec, self.model)
         self._dense_params = list(self.model.parameters())
         self.dims = spec.tables()
         self._max_age = settings.max_age_passes if self.mode != "sync" else 0
@@ -708,7 +709,7 @@ def _make(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optim
     return torch.optim.SGD(params, lr=lr, fused=True)
 
 
-def _dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer | _Optimizers:
+def dense_optimizer(spec: ModelSpec, model: CTRModel) -> torch.optim.Optimizer | _Optimizers:
     """``dense_optimizer`` for everything, or Adagrad at ``linear_lr`` for bias + linear."""
     if spec.linear_lr is None:
         return _make(spec.dense_optimizer, list(model.parameters()), spec.dense_lr)

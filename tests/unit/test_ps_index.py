@@ -78,3 +78,26 @@ def test_slotmap_reuses_released_slots() -> None:
     assert sm.live_slots().tolist() == [0, 1, 2, 3, 4, 5]
     assert sm.ids[sm.lookup(np.array([70, 30], np.uint64))].tolist() == [70, 30]
     assert len(sm) == 6
+
+
+@pytest.mark.parametrize("batch", [1, 5, 13, 200])
+def test_long_probe_chains_agree_with_a_dict_in_the_vectorized_and_scalar_walks(
+    batch: int,
+) -> None:
+    """Chains at high load: batches above and below the scalar-tail size give one answer."""
+    rng = np.random.default_rng(batch)
+    index = HashIndex(64, max_load=0.9)
+    model: dict[int, int] = {}
+    ids = rng.choice(2**40, 3000, replace=False).astype(np.uint64)
+    for start in range(0, 2000, batch):
+        chunk = ids[start : start + batch]
+        index.insert(chunk, np.arange(start, start + len(chunk)))
+        model.update({int(i): start + k for k, i in enumerate(chunk)})
+    gone = ids[:500:3]
+    index.delete(gone)  # tombstones inside chains
+    for i in gone:
+        model.pop(int(i))
+    for start in range(0, 3000, batch):
+        chunk = ids[start : start + batch]
+        want = [model.get(int(i), -1) for i in chunk]
+        assert index.lookup(chunk).tolist() == want
