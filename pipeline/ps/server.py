@@ -6,11 +6,13 @@ weights to the pull view, record the applied stream id, ack. Bad entries are
 counted by reason and acked, never applied partially, never fatal.
 
 Durability (the guarantee): with a ``data_dir``, the server checkpoints each
-table (both tiers) every ``checkpoint_interval_s`` together with the last
-applied stream id, and trims a stream only up to its last checkpoint. A server
-killed at any point restarts from that checkpoint and re-reads every entry
-after it, so no acknowledged push (an XADD that returned) is lost while Redis
-keeps its data; each is applied exactly once to the restored state. Without a
+table (both tiers) incrementally (:mod:`pipeline.ps.checkpoint`: deltas of the
+changed rows at least every ``checkpoint_interval_s``, bases written in slices
+between rounds), each checkpoint with the last applied stream id it covers, and
+trims a stream only up to its last durable checkpoint. A server killed at any
+point restarts from that checkpoint (base + deltas: the exact table) and re-reads
+every entry after it, so no acknowledged push (an XADD that returned) is lost
+while Redis keeps its data; each is applied exactly once to the restored state. Without a
 ``data_dir`` the table lives in memory only and streams are trimmed as soon as
 entries are applied: a crash loses the table (Redis still serves the last
 weights). If Redis itself is flushed, the server rebuilds the pull view and
@@ -40,9 +42,10 @@ import numpy as np
 
 from pipeline.ps import pullview
 from pipeline.ps.accessor import Clock, system_clock
+from pipeline.ps.checkpoint import CheckpointOptions, Checkpoints
 from pipeline.ps.client import registry_key
-from pipeline.ps.export import ExportError, export_table, import_table
-from pipeline.ps.gradstream import StreamEntryError, decode_push, stream_id_tuple
+from pipeline.ps.export import ExportError, import_table
+from pipeline.ps.gradstream import StreamEntryError, decode_push
 from pipeline.ps.keys import ShardKeys
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.staging.tracker import PublishTracker
@@ -55,7 +58,6 @@ __all__ = ["GROUP", "ServerOptions", "ShardServer"]
 log = logging.getLogger(__name__)
 
 GROUP = b"ps"
-CURRENT = "CURRENT"
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,18 @@ class ServerOptions:
     read_count: int = 64
     block_ms: int = 100
     cold_block_cache_bytes: int = 512 << 20
-    keep_checkpoints: int = 2
     restore: Path | None = None
+    # A delta as soon as this many rows changed (bounds the apply stall of a checkpoint).
+    max_delta_rows: int = 65_536
+    # A new checkpoint base once the deltas since the last one hold this fraction of the table.
+    compact_fraction: float = 0.5
+
+    def checkpoint_options(self) -> CheckpointOptions:
+        return CheckpointOptions(
+            interval_s=self.checkpoint_interval_s,
+            max_delta_rows=self.max_delta_rows,
+            compact_fraction=self.compact_fraction,
+        )
 
 
 @dataclass
@@ -80,9 +92,9 @@ class _Shard:
     spec: TableSpec
     keys: ShardKeys
     table: ShardTable
+    checkpoints: Checkpoints | None = None  # with a data_dir
     applied: bytes = b"0-0"
-    checkpointed: bytes = b"0-0"
-    dirty: bool = False
+    trimmed: str = "0-0"  # the stream is trimmed up to here (the last durable checkpoint)
     restored: bool = False
     publish: PublishTracker = field(default_factory=PublishTracker)
 
@@ -139,7 +151,6 @@ class ShardServer:
             load_snapshot(self.options.restore) if self.options.restore is not None else None
         )
         self._tables = {spec.name: self._open(spec) for spec in specs}
-        self._last_checkpoint = time.monotonic()
         self._last_shrink = time.monotonic()
         self.ready = threading.Event()  # set by run() once the pull view is published
 
@@ -161,19 +172,23 @@ class ShardServer:
             cold = SsdTier(cold_dir, width, block_cache_bytes=self.options.cold_block_cache_bytes)
         table = ShardTable(spec, cold, self.options.hot_budget_rows, self.clock)
         state = _Shard(spec, ShardKeys(spec.name, self.shard), table)
+        if directory is not None:
+            state.checkpoints = Checkpoints(directory, table, self.options.checkpoint_options())
         if self._snapshot is not None:
             part = self._snapshot.part(spec.name, self.shard, self.shards)
             try:
                 rows = import_table(table, part)
             except (ExportError, OSError) as exc:
                 raise SnapshotError(f"cannot restore {state.keys.tag} from {part}: {exc}") from None
-            state.restored = state.dirty = True
+            if state.checkpoints is not None:
+                state.checkpoints.replace()  # start() checkpoints the restored table
+            state.restored = True
             log.info("%s: restored %d rows from snapshot %s", state.keys.tag, rows, part)
-        elif directory is not None and (directory / CURRENT).exists():
-            info = json.loads((directory / CURRENT).read_text())
-            rows = import_table(table, directory / info["checkpoint"])
-            state.applied = state.checkpointed = info["stream_id"].encode()
-            log.info("%s: restored %d rows from %s", state.keys.tag, rows, info["checkpoint"])
+        elif state.checkpoints is not None:
+            stream_id = state.checkpoints.restore()
+            if stream_id is not None:
+                state.applied, state.trimmed = stream_id.encode(), stream_id
+                log.info("%s: restored %d rows from %s", state.keys.tag, len(table), directory)
         return state
 
     def start(self) -> None:
@@ -193,7 +208,7 @@ class ShardServer:
     def _forget_stream_and_view(self, state: _Shard) -> None:
         """After a restore: skip what the stream holds, drop pull-view rows of the old state."""
         last = self.redis.xrevrange(state.keys.stream, count=1)
-        state.applied = state.checkpointed = last[0][0] if last else b"0-0"
+        state.applied = last[0][0] if last else b"0-0"
         pattern = _glob_escape(state.keys.pull_prefix) + b"*"
         stale: list[bytes] = []
         for key in self.redis.scan_iter(match=pattern, count=10_000):
@@ -326,9 +341,11 @@ class ShardServer:
             changed_ids.append(result.changed_ids)
             changed_w.append(result.changed_weights)
             self.stats.rows += len(push.ids)
+            cp = state.checkpoints
+            if cp is not None and state.table.changed_rows >= cp.options.max_delta_rows:
+                cp.cut(entry_id.decode())  # mid-round: keeps every delta (and its copy) small
         self.stats.entries += len(entries)
         state.applied = entries[-1][0]
-        state.dirty = True
         pipe = self.redis.pipeline(transaction=False)
         if changed_ids:
             ids = np.concatenate(changed_ids)
@@ -352,11 +369,21 @@ class ShardServer:
         if now - self._last_shrink >= self.options.shrink_interval_s:
             self._last_shrink = now
             self.shrink()
-        if (
-            self.options.data_dir is not None
-            and now - self._last_checkpoint >= self.options.checkpoint_interval_s
-        ):
-            self.checkpoint()
+        for state in self._tables.values():
+            if state.checkpoints is not None:
+                # Cuts a delta when due, reads a slice of a base, notices finished writes.
+                state.checkpoints.step(state.applied.decode())
+                self._trim(state)
+
+    def _trim(self, state: _Shard) -> None:
+        """Trim the stream up to the last durable checkpoint (entries after it are kept
+        for the replay after a crash)."""
+        cp = state.checkpoints
+        durable = cp.durable_stream_id if cp is not None else None
+        if durable is not None and durable != state.trimmed:
+            self.redis.xtrim(state.keys.stream, minid=durable)
+            state.trimmed = durable
+            self.stats.checkpoints += 1
 
     def shrink(self) -> int:
         """Decay statistics, delete expired rows from both tiers and the pull view."""
@@ -368,28 +395,17 @@ class ShardServer:
                 pipe = self.redis.pipeline(transaction=False)
                 pullview.delete_rows(pipe, state.keys, ids)
                 pipe.execute()
-                state.dirty = True
             deleted += len(ids)
         return deleted
 
     def checkpoint(self) -> None:
-        """Save every changed table with its applied stream id, then trim its stream."""
-        self._last_checkpoint = time.monotonic()
+        """Checkpoint every table now and wait until it is durable, then trim its stream
+        (shutdown; after a restore). A delta when the chain on disk can be extended,
+        else a whole base (after a snapshot restore)."""
         for state in self._tables.values():
-            directory = self._dir(state.spec)
-            if directory is None or not state.dirty:
-                continue
-            name = "ckpt-" + state.applied.decode()
-            export_table(state.table, directory / name, overwrite=True)
-            tmp = directory / (CURRENT + ".tmp")
-            tmp.write_text(json.dumps({"checkpoint": name, "stream_id": state.applied.decode()}))
-            tmp.replace(directory / CURRENT)
-            state.checkpointed, state.dirty = state.applied, False
-            self.stats.checkpoints += 1
-            self.redis.xtrim(state.keys.stream, minid=state.checkpointed)
-            old = sorted(directory.glob("ckpt-*"), key=lambda p: stream_id_tuple(p.name[5:]))
-            for stale in old[: -self.options.keep_checkpoints]:
-                shutil.rmtree(stale, ignore_errors=True)
+            if state.checkpoints is not None:
+                state.checkpoints.sync(state.applied.decode())
+                self._trim(state)
 
     def run(self, stop: threading.Event, on_step: Callable[[int], None] | None = None) -> None:
         """Serve until ``stop`` is set; checkpoints once more on the way out."""
@@ -408,6 +424,8 @@ class ShardServer:
 
     def close(self) -> None:
         for state in self._tables.values():
+            if state.checkpoints is not None:
+                state.checkpoints.close()
             cold = state.table.cold_tier
             if cold is not None:
                 cold.close()
