@@ -1,9 +1,11 @@
 """Row-wise Avro records: load ``schemas/*.avsc`` and encode/decode schemaless bodies.
 
 Schemas are read lazily from ``$PIPELINE_SCHEMAS_DIR`` or ``<repo root>/schemas`` and
-cached. Logical types (``timestamp-millis``) are stripped before parsing: they do
-not change the binary encoding, and this way times stay plain int milliseconds on
-both sides instead of turning into ``datetime`` objects on decode.
+cached (per folder, so changing the variable takes effect). Logical types
+(``timestamp-millis``) are stripped before parsing: they do not change the binary
+encoding, and this way times stay plain int milliseconds on both sides instead of
+turning into ``datetime`` objects on decode. Bulk decoding of many bodies at once,
+into columns, is in :mod:`pipeline.codec.avrocolumns`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ def load_schema(name: str) -> dict[str, Any]:
 
 def parsed_schema(name: str) -> dict[str, Any]:
     """The fastavro-parsed schema (logical types stripped), for direct fastavro calls."""
-    return _parsed_schema(str(schemas_dir()), name)
+    # Called once per record by encode/decode: a dict lookup keyed by the env value,
+    # instead of building the folder path (Path, resolve, str) every time.
+    key = (os.environ.get(SCHEMAS_DIR_ENV), name)
+    schema = _BY_ENV.get(key)
+    if schema is None:
+        schema = _BY_ENV[key] = _parsed_schema(str(schemas_dir()), name)
+    return schema
+
+
+_BY_ENV: dict[tuple[str | None, str], dict[str, Any]] = {}
 
 
 def encode(name: str, record: dict[str, Any]) -> bytes:

@@ -85,9 +85,11 @@ class KeyIndex:
             # of several keys aiming at one free slot, the first takes it
             cand = todo[free]
             cslot = slot[free]
-            _, first = np.unique(cslot, return_index=True)
-            won = cand[first]
-            wslot = cslot[first]
+            if len(cslot) < 256 and len(set(cslot.tolist())) == len(cslot):
+                won, wslot = cand, cslot  # no two keys aim at one slot (the usual case)
+            else:
+                _, first = np.unique(cslot, return_index=True)
+                won, wslot = cand[first], cslot[first]
             self._used += int((self._vals[wslot] == _EMPTY).sum())
             self._keys[wslot] = keys[won]
             self._vals[wslot] = rows32[won]

@@ -186,7 +186,10 @@ class Produced:
 class Output:
     """Everything on samples and samples.dlq so far (read from offset 0, all partitions)."""
 
-    def __init__(self, conf: dict[str, object], topics: dict[str, str]) -> None:
+    def __init__(
+        self, conf: dict[str, object], topics: dict[str, str], slots: SlotConfig = SLOTS
+    ) -> None:
+        self.slots = slots
         self.consumer = Consumer({**conf, "group.id": "unused", "enable.auto.commit": False})
         samples, dlq = topics["samples"], topics["samples.dlq"]
         parts = self.consumer.list_topics(samples, timeout=10).topics[samples].partitions
@@ -206,7 +209,7 @@ class Output:
             headers = dict(msg.headers() or [])
             keys = np.frombuffer(headers["joiner.keys"], dtype="<u8").tolist()
             kinds = list(headers["joiner.kinds"])
-            batch = decode_batch(msg.value(), SLOTS)
+            batch = decode_batch(msg.value(), self.slots)
             for r in range(batch.num_rows):
                 ids = {s: v.tolist() for s, v in batch.row_features(r).items()}
                 row = (keys[r], kinds[r], float(batch.labels[r]), float(batch.weights[r]))
@@ -401,3 +404,119 @@ def test_faust_engine_joins_exactly_in_one_run(
     assert counters["late_clicks"] == gen.late_clicks
     assert counters["duplicate_impressions"] == gen.duplicates["impressions"]
     assert (counters["orphan_clicks"], counters["malformed"]) == (3, 5)
+
+
+def test_repeated_kills_during_checkpoint_rounds_keep_the_output_exact(
+    kafka_bootstrap: str, kafka_conf: dict[str, object], project_topics: dict[str, str], unique: str
+) -> None:
+    """Generator traffic in four phases; the joiner (checkpoint rounds every 0.2 s, so
+    kills land between a cut and its manifest too) is SIGKILLed in each of the first
+    three at a random moment, and the fourth run finishes. Every impression must have
+    exactly one sample, labelled by its own clicks, and every malformed event exactly
+    one dead letter."""
+    import random
+
+    from pipeline.ingest.generator import TrafficGenerator
+
+    window = 2000
+    gen = TrafficGenerator(
+        seed=5,
+        rate=3000.0,
+        attribution_window_ms=window,
+        mean_click_delay_ms=400,
+        duplicate_clicks=40,
+        malformed_events=8,
+    )
+    log = gen.events(16_000)
+    labels = log.labels()
+    expected = {
+        key_hash(r["request_id"], r["item_id"]): int(y)
+        for r, y in zip(log.impressions, labels.tolist(), strict=True)
+    }
+    slots = SlotConfig(("user_id", "item_id", "category", "device", "position"))
+    env = {
+        **joiner_env(kafka_bootstrap, kafka_conf, project_topics, unique),
+        "PIPELINE_JOINER_SLOTS": ",".join(slots.slots),
+        "PIPELINE_JOINER_WINDOW_MS": str(window),
+        "PIPELINE_JOINER_NEGATIVE_RATE": "1.0",
+        "PIPELINE_JOINER_LATE_CORRECTIONS": "false",
+        "PIPELINE_JOINER_BATCH_SIZE": "256",
+    }
+    imps, clks = project_topics["events.impressions"], project_topics["events.clicks"]
+    prod = Producer(dict(kafka_conf))
+    dead: set[tuple[str, int, int]] = set()
+
+    def remember(err: Any, msg: Any) -> None:
+        assert err is None, err
+        dead.add((msg.topic(), msg.partition(), msg.offset()))
+
+    t0 = log.impressions[0]["event_time"]
+    span = log.impressions[-1]["event_time"] - t0 + 1
+
+    def phase_of(t: int) -> int:
+        return min(3, max(0, (t - t0) * 4 // span))
+
+    def send(phase: int) -> None:
+        for r in log.impressions:
+            if phase_of(r["event_time"]) == phase:
+                value = avro.encode("Impression", r)
+                prod.produce(imps, value, key=r["request_id"].encode())
+        for r in log.clicks:
+            if phase_of(r["event_time"]) == phase:
+                prod.produce(clks, avro.encode("Click", r), key=r["request_id"].encode())
+        for j, bad in enumerate(log.malformed):
+            if j % 4 == phase:
+                topic = imps if bad.topic == "events.impressions" else clks
+                prod.produce(topic, bad.data, key=b"bad", on_delivery=remember)
+        if phase == 3:  # far-future events on every partition close every real window
+            far = t0 + span + 100 * window
+            for p in range(PARTITIONS):
+                rec = {"request_id": f"end-{p}", "user_id": "u", "item_id": "x", "event_time": far}
+                prod.produce(imps, avro.encode("Impression", {**rec, "features": {}}), partition=p)
+                rec["request_id"] = f"end-click-{p}"
+                prod.produce(clks, avro.encode("Click", rec), partition=p)
+        assert prod.flush(30) == 0
+
+    output = Output(kafka_conf, project_topics, slots)
+    rng = random.Random(7)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for phase in range(3):
+            send(phase)
+            seen = len(output.rows)
+            procs.append(start_joiner(env, checkpoint_s=0.2, idle_ms=600_000))
+            output.wait(f"run {phase + 1} to emit", lambda s=seen: len(output.rows) > s, procs[-1])
+            time.sleep(rng.uniform(0.0, 0.6))
+            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].communicate(timeout=30)
+        send(3)
+        procs.append(start_joiner(env, checkpoint_s=0.2, idle_ms=600_000))
+        output.wait(
+            "every impression's sample",
+            lambda: {r[0] for r in output.rows} >= expected.keys(),
+            procs[-1],
+            timeout=90,
+        )
+        output.wait("every dead letter", lambda: len(output.dead) >= len(dead), procs[-1])
+        time.sleep(1.5)  # a duplicate would show up now
+        counters = stop_joiner(procs[-1])
+        output.poll(1.0)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        output.close()
+
+    per_key = Counter(r[0] for r in output.rows)
+    assert per_key == Counter(expected.keys())  # one sample per impression, no other
+    assert {r[0]: int(r[2]) for r in output.rows} == expected  # labelled by its clicks
+    dead_at = Counter(
+        (d["source_topic"], d["source_partition"], d["source_offset"]) for d in output.dead
+    )
+    assert dead_at == Counter(dead)
+    # counters are checkpointed: a replayed decision counts as suppressed, not again
+    emitted = counters["positives"] + counters["negatives"]
+    assert emitted + counters["replay_suppressed"] == len(output.rows)
+    assert counters["late_clicks"] == log.late_clicks
+    assert counters["duplicate_clicks"] == log.duplicate_clicks
