@@ -147,6 +147,13 @@ class ChangelogStore:
                 latest.pop(key, None)
             elif rest == "manifest":
                 manifests[p] = json.loads(value)
+                if "seqs" not in manifests[p]:
+                    raise PipelineError(
+                        f"changelog {self.topic} holds a checkpoint of partition {p} in the "
+                        "format of an older joiner (one full snapshot, state version 1), "
+                        "which this one does not read: run it under a new --app-id (or "
+                        "delete the changelog topic and the group) to start fresh"
+                    )
                 _prune(latest, p, manifests[p]["seqs"])
             else:
                 latest[key] = value
