@@ -215,7 +215,7 @@ class _Reader:
             raw = np.bitwise_or.reduce(np.where(used, parts, 0), axis=1).view(np.int64)
             self.allowed[idx] += size - 1
             self.pos[idx] = np.where(self.ok[idx], pos + size, self.pos[idx])
-        return (raw >> 1) ^ -(raw & 1)  # type: ignore[no-any-return]
+        return (raw >> 1) ^ -(raw & 1)
 
     def string(self, idx: I64, text: bool) -> StrColumn:
         length = self.long(idx)
