@@ -18,7 +18,11 @@ over predicted clicks). Cases, all measured in this run:
    2-core box), a fresh consumer group and fresh tables per run, rows produced to the
    samples topic first. Rows/s is all rows over the span from the group's first to its
    last trained batch (process start, group join and idle exit are not counted);
-4. **pipeline, 32-row sync** (``--mode sync --batch-rows 32``): the configuration whose
+4. **pipeline, established steps**: the same with ``--young-batch-rows`` equal to
+   ``--batch-rows``, i.e. the steps the defaults take once a stream is established
+   (1024-row passes from the first row): trainer scaling where it matters, on a long
+   stream; their AUC is that of large steps on a cold start, not the defaults';
+5. **pipeline, 32-row sync** (``--mode sync --batch-rows 32``): the configuration whose
    quality the defaults must match, for the speed ratio.
 
 Then the **fixed cost per batch**: the in-process trainer (sync steps, a fixed batch
@@ -356,9 +360,12 @@ def pipeline_run(
 
 
 def pipeline_cases(rows: SampleBatch, args: Any) -> list[Run]:
+    established = ["--young-batch-rows", str(TrainerSettings().batch_rows)]
     cases = [
         ("pipeline, 1 trainer, defaults", 1, []),
         ("pipeline, 2 trainers, defaults", 2, []),
+        ("pipeline, 1 trainer, established steps", 1, established),
+        ("pipeline, 2 trainers, established steps", 2, established),
     ]
     if not args.skip_sync32:
         cases.append(
@@ -417,6 +424,14 @@ def fixed_costs(rows: SampleBatch, sizes: tuple[int, int]) -> list[list[object]]
     return table
 
 
+def _versus(run: Run, ones: dict[str, Run]) -> str:
+    """A pipeline run's rate over the 1-trainer run of the same configuration."""
+    if not run.name.startswith("pipeline"):
+        return "-"
+    one = ones.get(run.name.split(", ", 2)[2])
+    return f"{run.rows_per_s / one.rows_per_s:.2f}" if one else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -438,7 +453,7 @@ def main() -> None:
     if not args.skip_pipeline:
         runs += pipeline_cases(rows, args)
     base = plain.rows_per_s
-    one = next((r for r in runs if r.name.startswith("pipeline, 1 trainer, defaults")), None)
+    ones = {r.name.split(", ", 2)[2]: r for r in runs if r.name.startswith("pipeline, 1 trainer")}
     sync32 = next((r for r in runs if "32-row sync" in r.name), None)
     table = []
     for r in runs:
@@ -448,9 +463,7 @@ def main() -> None:
                 r.rows,
                 r.rows_per_s,
                 f"{r.rows_per_s / base:.2f}",
-                f"{r.rows_per_s / one.rows_per_s:.2f}"
-                if one and r.name.startswith("pipeline")
-                else "-",
+                _versus(r, ones),
                 f"{r.rows_per_s / sync32.rows_per_s:.1f}" if sync32 else "-",
                 f"{r.auc:.4f}",
                 f"{r.copc:.3f}",

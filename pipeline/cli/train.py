@@ -43,7 +43,18 @@ log = logging.getLogger(__name__)
 @click.option(
     "--mode", type=click.Choice(["async", "geo", "sync"]), default=None, help="Update mode"
 )
-@click.option("--batch-rows", type=int, default=None, help="Samples per step")
+@click.option(
+    "--batch-rows",
+    type=int,
+    default=None,
+    help="Samples per step once the stream is established (async mode grows to it)",
+)
+@click.option(
+    "--young-batch-rows",
+    type=int,
+    default=None,
+    help="Async mode: samples per step while the stream is young (= --batch-rows: fixed steps)",
+)
 @click.option("--pass-batches", type=int, default=None, help="Batches per device-cache pass")
 @click.option("--cache-rows", type=int, default=None, help="Device cache rows per table")
 @click.option("--device", default=None, help="auto, cpu or cuda")

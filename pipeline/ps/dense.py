@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "DenseConflict",
     "dense_key",
+    "dense_version",
     "pack_tensors",
     "pull_dense",
     "push_dense",
@@ -59,6 +60,12 @@ def unpack_tensors(blob: bytes) -> dict[str, np.ndarray]:
     if pos != len(blob):
         raise ValueError(f"dense blob has {len(blob) - pos} trailing bytes")
     return out
+
+
+def dense_version(client: Any, name: str) -> int:
+    """The table's version alone (0 when it does not exist): one small read."""
+    raw = client.hget(dense_key(name), b"v")
+    return 0 if raw is None else int(raw)
 
 
 def pull_dense(client: Any, name: str) -> tuple[int, dict[str, np.ndarray]]:

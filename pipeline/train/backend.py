@@ -50,6 +50,8 @@ class SparseBackend(Protocol):
 
     def pull_dense(self, name: str) -> tuple[int, dict[str, np.ndarray]]: ...
 
+    def dense_version(self, name: str) -> int: ...
+
     def push_dense(
         self, name: str, tensors: Mapping[str, np.ndarray], expected_version: int | None = None
     ) -> int: ...
@@ -105,6 +107,9 @@ class LocalBackend:
     def pull_dense(self, name: str) -> tuple[int, dict[str, np.ndarray]]:
         version, tensors = self._dense.get(name, (0, {}))
         return version, {k: v.copy() for k, v in tensors.items()}
+
+    def dense_version(self, name: str) -> int:
+        return self._dense.get(name, (0, {}))[0]
 
     def push_dense(
         self, name: str, tensors: Mapping[str, np.ndarray], expected_version: int | None = None

@@ -1,16 +1,25 @@
 """Dense parameters shared by trainers through the PS dense table (delta merging).
 
 Each trainer steps its dense parameters locally with its own torch optimizer.
-Every ``every_steps`` steps it merges: ``global <- global + (local - base)``,
-where ``base`` is the value it last synchronized, written with a compare-and-set
-on the table's version (retried on conflict), then ``local <- base <- global``.
-With one trainer this is exactly local training; with several it adds up their
-progress like geo-SGD does for dense parameters. The first trainer to start
-writes the initial parameters (version 1); later ones load them, so every
-trainer starts from the same values.
+Every ``every_steps`` steps, and at most every ``min_interval_s`` seconds, it merges:
+``global <- global + (local - base)``, where ``base`` is the value it last
+synchronized, written with a compare-and-set on the table's version (retried on
+conflict), then ``local <- base <- global``. With one trainer this is exactly local
+training; with several it adds up their progress like geo-SGD does for dense
+parameters. The first trainer to start writes the initial parameters (version 1);
+later ones load them, so every trainer starts from the same values.
+
+Traffic follows what changed: a sync reads the table's version first and the blob
+only when another trainer wrote since our last sync, writes nothing when no step
+changed a parameter, and the time bound keeps small steps (the young stages of
+the step schedule) from syncing hundreds of times a second.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,16 +34,28 @@ class DenseSync:
     """Merge a model's dense parameters through the dense table ``name``."""
 
     def __init__(
-        self, backend: SparseBackend, name: str, model: CTRModel, every_steps: int = 10
+        self,
+        backend: SparseBackend,
+        name: str,
+        model: CTRModel,
+        every_steps: int = 10,
+        min_interval_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self.name = name
         self.model = model
         self.every_steps = every_steps
+        self.min_interval_s = min_interval_s
+        self._clock = clock
         self.base: dict[str, np.ndarray] = {}
         self.version = 0
         self.merges = 0
         self.conflicts = 0
+        self.blob_reads = 0  # syncs that had to read the shared values (another writer)
+        self.skipped = 0  # syncs with nothing to write
+        self._last_step = 0
+        self._last_time = -math.inf
 
     def start(self) -> bool:
         """Load the shared parameters, or publish ours when none exist. True if we initialized."""
@@ -56,21 +77,35 @@ class DenseSync:
         self.version = version
 
     def maybe_sync(self, step: int) -> None:
-        if step % self.every_steps == 0:
-            self.sync()
+        """Sync when ``every_steps`` steps and ``min_interval_s`` passed since the last."""
+        if step - self._last_step < self.every_steps:
+            return
+        if self._clock() - self._last_time < self.min_interval_s:
+            return
+        self._last_step = step
+        self.sync()
 
     def sync(self) -> None:
         """Add our progress since the last sync to the shared values and adopt the result."""
+        self._last_time = self._clock()
         local = dense_state(self.model)
         delta = {k: local[k] - self.base[k] for k in local}
+        version = self.backend.dense_version(self.name)
+        if version == self.version and not any(d.any() for d in delta.values()):
+            self.skipped += 1
+            return
         while True:
-            version, shared = self.backend.pull_dense(self.name)
-            # when nobody else wrote since our last sync, our values are the merge
-            merged = local if version == self.version else {k: shared[k] + delta[k] for k in delta}
+            if version == self.version:  # nobody else wrote since our last sync
+                merged = local
+            else:
+                version, shared = self.backend.pull_dense(self.name)
+                self.blob_reads += 1
+                merged = {k: shared[k] + delta[k] for k in delta}
             try:
                 new_version = self.backend.push_dense(self.name, merged, expected_version=version)
             except DenseConflict:
                 self.conflicts += 1
+                version = -1  # another writer: read the shared values
                 continue
             break
         self.merges += 1

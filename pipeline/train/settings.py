@@ -61,6 +61,12 @@ class TrainerSettings(BaseSettings):
     dense_sync_steps: int = Field(
         10, ge=1, description="Merge dense parameters through the PS dense table every N steps"
     )
+    dense_sync_min_s: float = Field(
+        0.25,
+        ge=0,
+        description="...and at most this often (seconds): small steps would otherwise move "
+        "the dense blob through Redis hundreds of times a second",
+    )
     geo_lr: float = Field(0.05, gt=0, description="Geo mode: local Adagrad learning rate")
     max_inflight: int = Field(
         4, ge=1, description="Pushes not yet applied before the trainer waits (staleness bound)"

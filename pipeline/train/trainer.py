@@ -239,7 +239,11 @@ class Trainer:
             for name, dim in self.dims.items()
         }
         self.dense = DenseSync(
-            backend, spec.dense_table_name(), self.model, settings.dense_sync_steps
+            backend,
+            spec.dense_table_name(),
+            self.model,
+            settings.dense_sync_steps,
+            settings.dense_sync_min_s,
         )
         self.metrics = metrics or WindowedMetrics(window_s=settings.metrics_window_s)
         self.stages = StageTimes()
