@@ -398,7 +398,8 @@ def profile(settings: KafkaSettings, events: int) -> None:
     prof.enable()
     for poll in polls:
         cols = list(zip(*poll, strict=True))
-        engine.handle_many(cols[0], cols[1], cols[2], cols[3], cols[4], 0)
+        offsets, keys = cols[2], cols[3]
+        engine.handle_many(cols[0], cols[1], cols[4], 0, offsets.__getitem__, keys.__getitem__)
     engine.drain()
     prof.disable()
     cpu = own_cpu_s() - cpu0

@@ -157,10 +157,10 @@ def make_app(
             out = engine.handle_many(
                 [m.topic for m in msgs],
                 [m.partition for m in msgs],
-                [m.offset for m in msgs],
-                [m.key for m in msgs],
                 [m.value or b"" for m in msgs],
                 now,
+                lambda i: int(msgs[i].offset),
+                lambda i: msgs[i].key,
             )
             await send(out)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -167,12 +167,17 @@ class JoinEngine:
         self,
         topics: Sequence[str],
         partitions: Sequence[int],
-        offsets: Sequence[int],
-        keys: Sequence[bytes | None],
         values: Sequence[bytes],
         now_ms: int,
+        offset_of: Callable[[int], int],
+        key_of: Callable[[int], bytes | None],
     ) -> list[OutRecord]:
-        """Process polled messages of assigned partitions, in the order consumed."""
+        """Process polled messages of assigned partitions, in the order consumed.
+
+        Offsets and keys are asked for per message (``offset_of(i)``, ``key_of(i)``)
+        only where needed: the last message of each partition and stream, and messages
+        that become dead letters. Reading them off every message costs more.
+        """
         if not values:
             return []
         clicks_topic = self.topics.clicks
@@ -180,11 +185,10 @@ class JoinEngine:
         for t in set(topics):
             self._stream(t)  # rejects a topic that is not an input
         part = np.fromiter(partitions, dtype=np.int64, count=len(values))
-        off = np.fromiter(offsets, dtype=np.int64, count=len(values))
-        self._advance_positions(part, off, np.array(is_click, dtype=bool))
+        self._advance_positions(part, np.array(is_click, dtype=bool), offset_of)
 
         def origin(i: int) -> Origin:
-            return Origin(topics[i], int(part[i]), int(off[i]), keys[i], values[i])
+            return Origin(topics[i], int(part[i]), offset_of(i), key_of(i), values[i])
 
         decoded = decode_events(self.config, is_click, values, origin)
         out: list[OutRecord] = []
@@ -203,7 +207,9 @@ class JoinEngine:
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes, now_ms: int
     ) -> list[OutRecord]:
         """Process one input message of an assigned partition."""
-        return self.handle_many([topic], [partition], [offset], [key], [value], now_ms)
+        return self.handle_many(
+            [topic], [partition], [value], now_ms, lambda _: offset, lambda _: key
+        )
 
     def mark_busy(self, partition: int, topic: str, now_ms: int) -> None:
         """``topic`` has unread messages in ``partition``: its stream is not idle."""
@@ -255,13 +261,14 @@ class JoinEngine:
             return "clicks"
         raise ValueError(f"{topic} is not an input topic of the joiner")
 
-    def _advance_positions(self, part: Any, off: Any, is_click: Any) -> None:
+    def _advance_positions(self, part: Any, is_click: Any, offset_of: Callable[[int], int]) -> None:
         """Next offsets per (partition, stream): one past the last message polled."""
         code = part * 2 + is_click
         order = np.argsort(code, kind="stable")  # offsets grow within each (partition, topic)
         sc = code[order]
         last = order[np.flatnonzero(np.concatenate([sc[1:] != sc[:-1], [True]]))]
-        for c, o in zip(code[last].tolist(), off[last].tolist(), strict=True):
+        for c, i in zip(code[last].tolist(), last.tolist(), strict=True):
+            o = offset_of(i)
             stream = "clicks" if c & 1 else "impressions"
             positions = self.positions[c >> 1]
             positions[stream] = max(positions.get(stream, 0), o + 1)

@@ -365,15 +365,14 @@ class JoinRunner:
         if not msgs:
             return
         engine = self._engine
-        good = []
-        for msg in msgs:
-            err = msg.error()
-            if err is None:
-                good.append(msg)
-            elif err.fatal():
-                raise PipelineError(f"consumer failed: {err}")
-            else:
-                log.warning("consumer: %s", err)
+        good = [m for m in msgs if m.error() is None]
+        if len(good) < len(msgs):
+            for msg in msgs:
+                err = msg.error()
+                if err is not None and err.fatal():
+                    raise PipelineError(f"consumer failed: {err}")
+                if err is not None:
+                    log.warning("consumer: %s", err)
         parts = [m.partition() for m in good]
         if not engine.joiners.keys() >= set(parts):
             good = [m for m, p in zip(good, parts, strict=True) if p in engine.joiners]
@@ -383,10 +382,10 @@ class JoinRunner:
         out = engine.handle_many(
             [m.topic() for m in good],
             parts,
-            [m.offset() for m in good],
-            [m.key() for m in good],
             [m.value() or b"" for m in good],
             self.clock(),
+            lambda i: int(good[i].offset()),
+            lambda i: good[i].key(),
         )
         self._produce(prod, out)
 
