@@ -97,6 +97,7 @@ class CheckpointOptions:
     base_slice_rows: int = 65_536  # hot slots read per slice of a base
     base_slice_budget_s: float = 0.02  # most time per round spent reading base slices
     base_queue_slices: int = 4  # slices in flight to the writer thread (memory bound)
+    cold_wait_s: float = 60.0  # then the cold tier is checkpointed even if not prepared
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.max_delta_rows < 1 or self.base_slice_rows < 1:
@@ -212,6 +213,7 @@ class _Base:
     pos: int = 0  # next hot slot to read
     end_sent: bool = False
     cold_rows: int | None = None
+    cold_since: float | None = None  # when the hot scan ended and the wait for the cold tier began
     scanned_at: int | None = None  # the cut count when the scan (hot + cold) ended
     deltas: list[_Piece] = field(default_factory=list)
 
@@ -534,11 +536,21 @@ class Checkpoints:
             ready = cold.prepare_checkpoint()
             if not base.hot_scanned:
                 return
-            while block and not ready:
+            if base.cold_since is None:
+                base.cold_since = time.monotonic()
+            waited = time.monotonic() - base.cold_since
+            while block and not ready and waited < self.options.cold_wait_s:
                 time.sleep(0.005)
-                ready = cold.prepare_checkpoint()
-            if not ready:
+                ready, waited = cold.prepare_checkpoint(), time.monotonic() - base.cold_since
+            if not ready and waited < self.options.cold_wait_s:
                 return
+            if not ready:
+                log.warning(
+                    "%s: cold tier not ready for a cheap checkpoint after %.0f s; "
+                    "checkpointing it now (the apply loop waits for RocksDB)",
+                    self.directory,
+                    waited,
+                )
             try:
                 cold.checkpoint(base.path / "cold")
             except Exception as exc:  # a full disk must not stop the apply loop
