@@ -113,7 +113,8 @@ class CheckpointOptions:
 
 @dataclass
 class CheckpointStats:
-    """What was written (bytes are the sizes of the files, measured after writing)."""
+    """What was written. Bytes are sizes of the files written; files hard-linked from the
+    live cold tier (RocksDB SST files) are not counted: nothing was written for them."""
 
     cuts: int = 0
     deltas: int = 0
@@ -251,7 +252,13 @@ def _sha256(path: Path) -> str:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path`` that are not hard links (st_nlink == 1)."""
+    total = 0
+    for p in path.rglob("*"):
+        st = p.stat()
+        if p.is_file() and st.st_nlink == 1:
+            total += st.st_size
+    return total
 
 
 def _fsync_dir(path: Path) -> None:
@@ -557,6 +564,7 @@ class Checkpoints:
                 self._base_failed(exc)
                 return
             base.cold_rows = cold.count()
+            self.stats.base_bytes += _dir_bytes(base.path / "cold")
         if base.hot_scanned and base.scanned_at is None:
             base.scanned_at = self._n
 
@@ -610,7 +618,8 @@ class Checkpoints:
         try:
             spec, width = self.table.spec, self.table.state_width
             meta = write_rows(path / "rows", spec, width, _slices(slices, cancelled))
-            return _sha256(path / "rows" / "meta.json"), int(meta["rows"]), _dir_bytes(path)
+            rows = path / "rows"
+            return _sha256(rows / "meta.json"), int(meta["rows"]), _dir_bytes(rows)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -694,3 +703,6 @@ class Checkpoints:
         self._chain = None
         self._cancel_base()
         self.table.stop_change_tracking()  # the next cut starts a base
+        # Whatever is on disk (the chain CURRENT still names included) goes once that
+        # base is durable.
+        self._pieces |= {e.name for e in self.directory.iterdir() if e.name.startswith(_PREFIX)}
