@@ -18,6 +18,7 @@ and replays its input from the checkpoint's offsets.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -394,6 +395,9 @@ class JoinRunner:
         from confluent_kafka import OFFSET_BEGINNING, KafkaException
 
         stop = stop or threading.Event()
+        # What exists now (modules, torch, config) lives as long as the process: keep it
+        # out of the collector's full passes, which otherwise stall a poll now and then.
+        gc.freeze()
         cons = consumer(self.kafka, self.group_id, **{"partition.assignment.strategy": "range"})
         prod = producer(self.kafka)
         store = self._setup(cons)
