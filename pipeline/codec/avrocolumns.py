@@ -218,6 +218,19 @@ class _Reader:
         return (raw >> 1) ^ -(raw & 1)
 
     def string(self, idx: I64, text: bool) -> StrColumn:
+        full = len(idx) == len(self.pos)  # idx is a sorted subset: all records, in order
+        pos = self.pos if full else self.pos[idx]
+        first = self.buf[pos]
+        if text and not (first & 0x81).any():
+            # the common case, in fewer steps: every length is one varint byte, >= 0
+            start = pos + 1
+            length = (first >> 1).astype(np.int64)
+            moved = np.minimum(start + length, self.limit)
+            if full:
+                self.pos = moved
+            else:
+                self.pos[idx] = moved
+            return StrColumn(start, length)
         length = self.long(idx)
         self.fail(idx[length < 0])
         length = np.maximum(length, 0)
