@@ -15,13 +15,19 @@ Learners (a row per variant):
 * **River**: ``linear_model.LogisticRegression`` with ``optim.AdaGrad`` and with
   ``optim.FTRLProximal``; features are a dict of one-hot ``C7=<id>`` keys plus dense values.
 * **in-process**: this project's PyTorch model trained in one process, no Kafka/PS
-  (:func:`run_inprocess`), the baseline of the ratio columns;
-* **pipeline**: this project end to end (replay -> Kafka -> trainers -> PS) with 1 and
-  2 trainers (:func:`run_pipeline`).
+  (:func:`run_inprocess`);
+* **PS, 2 shards**: the same against 2 shard servers (threads of this process) and a
+  private redis-server (:func:`run_ps`);
+* **pipeline**: this project end to end (Kafka -> ``pipeline train`` processes -> 2
+  ``pipeline ps`` processes) with 1 and 2 trainers (:func:`run_pipeline`).
 
-The last two are placeholders until the trainer lands; they print as "not yet". The
-peers are benchmark-only extras (``pip install -e '.[peers]'``); a missing one prints
-as "not installed".
+This project's rows come in two configurations: **32-row sync** (``--mode sync
+--batch-rows 32``: small synchronous sparse steps, the quality reference) and the
+**defaults** (``pipeline train`` with no tuning flags: the step schedule). After the
+table, the defaults' targets are checked: AUC within 0.003 of 32-row sync and COPC in
+[0.9, 1.1] everywhere, 10x the 32-row sync rows/s on streams of 1M rows, 2 pipeline
+trainers within 0.005 AUC of one. The peers are benchmark-only extras
+(``pip install -e '.[peers]'``); a missing one prints as "not installed".
 
 Usage::
 
@@ -66,8 +72,8 @@ VW_VARIANTS = ("", "-l 0.1", "-l 1", "--ftrl", "-q cc")
 
 
 HEADER = (
-    *("learner", "config", "status", "rows/s", "prog AUC", "2nd half", "logloss"),
-    *("x in-proc", "dAUC"),
+    *("learner", "config", "status", "rows/s", "prog AUC", "2nd half", "logloss", "COPC"),
+    *("x sync32", "dAUC"),
 )
 
 
@@ -245,8 +251,31 @@ def run_river(stream: Stream, config: str, factory: Callable[[], Any]) -> Result
     return Result("River LogisticRegression", config, preds, time.perf_counter() - start)
 
 
-# ------------------------------------------------------- this project (placeholders)
-BEST_BATCH_ROWS = 32  # rows per sparse update on a young stream (docs/trainer.md, "Defaults")
+# ------------------------------------------------------------------ this project
+SYNC32 = "32-row sync"  # the accurate reference configuration: --mode sync --batch-rows 32
+DEFAULTS = "defaults"  # what `pipeline train` does with no tuning flags
+SYNC32_ROWS = 32
+
+
+def _settings(config: str) -> Any:
+    from pipeline.train.settings import TrainerSettings
+
+    if config == SYNC32:
+        return TrainerSettings(mode="sync", batch_rows=SYNC32_ROWS, device="cpu")
+    return TrainerSettings(device="cpu")
+
+
+DEFAULTS_TAG = "deepfm, defaults"
+
+
+def _describe(config: str) -> str:
+    if config == SYNC32:
+        return f"deepfm, {SYNC32_ROWS}-row sync steps"
+    s = _settings(config)
+    return (
+        f"deepfm, defaults ({s.young_batch_rows}-row sync steps growing to "
+        f"{s.batch_rows}-row passes of {s.pass_batches})"
+    )
 
 
 def _train_batches(stream: Stream, rows: int) -> list[Any]:
@@ -260,39 +289,40 @@ def _train_batches(stream: Stream, rows: int) -> list[Any]:
     ]
 
 
-def _train(stream: Stream, backend_for: Callable[[list[Any]], Any], label: str) -> Result:
+def _train(
+    stream: Stream, backend_for: Callable[[list[Any]], Any], label: str, config: str
+) -> Result:
+    from pipeline.codec.samplebatch import concat
     from pipeline.train.defaults import default_model, default_tables
-    from pipeline.train.settings import TrainerSettings
-    from pipeline.train.trainer import IterSource, Trainer
+    from pipeline.train.trainer import RowSource, Trainer
 
     layout = stream.batches[0].config
-    prefix = f"peers{os.getpid()}_"
+    prefix = f"peers{os.getpid()}_{len(config)}_"
     tables = default_tables(layout, prefix)
     spec = default_model(layout, "deepfm", prefix)
-    batches = _train_batches(stream, BEST_BATCH_ROWS)
-    settings = TrainerSettings(mode="sync", batch_rows=BEST_BATCH_ROWS, device="cpu")
+    settings = _settings(config)
     backend = backend_for(tables)
     trainer = Trainer(spec, {t.name: t for t in tables}, backend, settings, keep_predictions=True)
     began = time.perf_counter()
-    result = trainer.run(IterSource(batches))
+    result = trainer.run(RowSource(concat(stream.batches), settings.batch_rows))
     seconds = time.perf_counter() - began
     trainer.close()
     preds = np.concatenate(result.predictions).astype(np.float64)
-    return Result(label, f"deepfm, layout lr rule, {BEST_BATCH_ROWS} rows, sync", preds, seconds)
+    return Result(label, _describe(config), preds, seconds)
 
 
-def run_inprocess(stream: Stream) -> Result:
+def run_inprocess(stream: Stream, config: str = SYNC32) -> Result:
     """THIS PROJECT, in process: the Trainer on LocalBackend (no Kafka, no PS).
 
-    The pipeline's best configuration for a young stream: DeepFM with the layout's
-    default learning rates (pipeline.train.defaults), 32-row sync steps.
+    DeepFM with the layout's default learning rates (pipeline.train.defaults), in the
+    32-row sync configuration or with the shipped defaults (the step schedule).
     """
     from pipeline.train.backend import LocalBackend
 
-    return _train(stream, LocalBackend, "in-process")
+    return _train(stream, LocalBackend, "in-process", config)
 
 
-def run_ps(stream: Stream) -> Result:
+def run_ps(stream: Stream, config: str = SYNC32) -> Result:
     """THIS PROJECT on the parameter server: 2 shard servers + a private redis-server."""
     import threading
 
@@ -318,7 +348,7 @@ def run_ps(stream: Stream) -> Result:
             return PSClient(redis.Redis.from_url(url), trainer_id="peers")
 
         try:
-            return _train(stream, backend_for, "PS, 2 shards")
+            return _train(stream, backend_for, "PS, 2 shards", config)
         finally:
             stop.set()
             for t in threads:
@@ -327,14 +357,15 @@ def run_ps(stream: Stream) -> Result:
                 srv.close()
 
 
-def run_pipeline(stream: Stream, trainers: int) -> Result:
+def run_pipeline(stream: Stream, trainers: int, config: str = SYNC32) -> Result:
     """THIS PROJECT, end to end: samples topic -> ``trainers`` processes -> 2 PS shard processes.
 
     A private broker + redis-server; the stream's rows are produced first as 32-row
     SampleBatch messages over ``trainers`` partitions (file order within each), then
-    ``pipeline train`` processes (same model and rates as in-process, sync mode) train
-    them in one consumer group. rows/s is measured from the first to the last trained
-    batch over all trainers; the AUC is over every trainer's progressive predictions.
+    ``pipeline train`` processes (same model and rates as in-process; the 32-row sync
+    configuration or the defaults) train them in one consumer group. rows/s is
+    measured from the first to the last trained batch over all trainers; the AUC is
+    over every trainer's progressive predictions.
     """
     import json
     import signal
@@ -365,13 +396,20 @@ def run_pipeline(stream: Stream, trainers: int) -> Result:
                 {"bootstrap.servers": stack.bootstrap}, load_topic_specs(), prefix="peers."
             )
             producer = Producer({"bootstrap.servers": stack.bootstrap, "linger.ms": 5})
-            for i, item in enumerate(_train_batches(stream, BEST_BATCH_ROWS)):
-                producer.produce(topic, encode_batch(item.batch), partition=i % trainers)
+            for i, item in enumerate(_train_batches(stream, SYNC32_ROWS)):
+                while True:
+                    try:
+                        producer.produce(topic, encode_batch(item.batch), partition=i % trainers)
+                        break
+                    except BufferError:
+                        producer.poll(0.1)
+                producer.poll(0)
             producer.flush(60)
 
             def cli(*args: str, log: str) -> subprocess.Popen[str]:
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.cli", *args],
+                    # one thread each: the roles share this box (the thread budget)
+                    [sys.executable, "-m", "pipeline.cli", "--threads", "1", *args],
                     stdout=subprocess.PIPE,
                     stderr=(work / log).open("w"),
                     text=True,
@@ -411,10 +449,11 @@ def run_pipeline(stream: Stream, trainers: int) -> Result:
                     "peers",
                     "--trainer-id",
                     f"t{n}",
-                    "--mode",
-                    "sync",
-                    "--batch-rows",
-                    str(BEST_BATCH_ROWS),
+                    *(
+                        ["--mode", "sync", "--batch-rows", str(SYNC32_ROWS)]
+                        if config == SYNC32
+                        else []
+                    ),
                     "--json",
                     "--predictions-out",
                     str(work / f"t{n}.npz"),
@@ -429,7 +468,7 @@ def run_pipeline(stream: Stream, trainers: int) -> Result:
                 for n in range(trainers)
             ]
             sink = RedisMetricsSink(client, "peers")
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 3600
             while sink.global_cumulative()[0].summary()["samples"] < stream.rows:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in runners):
                     raise RuntimeError(f"trainers did not finish; see {work}")
@@ -449,9 +488,11 @@ def run_pipeline(stream: Stream, trainers: int) -> Result:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGTERM)
                     p.wait(30)
-    config = f"deepfm, {BEST_BATCH_ROWS} rows, sync, Kafka + 2 PS processes"
+    described = f"{_describe(config)}, Kafka + 2 PS processes"
     # labels in the trainers' own order: the report scores these pairs
-    return Result("pipeline", f"{trainers} trainer(s): {config}", p_all, last - first, labels=y_all)
+    return Result(
+        "pipeline", f"{trainers} trainer(s): {described}", p_all, last - first, labels=y_all
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -477,24 +518,31 @@ def _attempt(learner: str, config: str, run: Callable[[], Result]) -> Result:
         )
 
 
-def report(stream: Stream, results: Sequence[Result]) -> None:
-    """The table: rows/s, progressive AUC (all rows, second half) and log loss, ratios.
+def _copc(y: F32, p: F64) -> float:
+    return float(y.sum() / p.sum())
 
-    Ratios are against the in-process row measured in the same run: rows/s as a
+
+def report(stream: Stream, results: Sequence[Result]) -> None:
+    """The table: rows/s, progressive AUC (all rows, second half), log loss, COPC, ratios.
+
+    Ratios are against this project's 32-row sync run in the same place (in process,
+    on the PS, or through the pipeline; the in-process one for the peers): rows/s as a
     factor, AUC as a difference.
     """
     y = stream.labels
-    base = next((r for r in results if r.learner == "in-process" and r.ok), None)
-    base_rate = base.rows_per_s() if base else math.nan
-    base_auc = _auc(y, base.preds) if base and base.preds is not None else math.nan
     half = stream.rows // 2
     rows: list[list[object]] = []
     for r in results:
         if r.preds is None:
-            rows.append([r.learner, r.config, r.status, "", "", "", "", "", ""])
+            rows.append([r.learner, r.config, r.status, "", "", "", "", "", "", ""])
             continue
         yr = r.labels if r.labels is not None else y
         auc, rate = _auc(yr, r.preds), r.rows_per_s()
+        base = _reference(r, results)
+        base_rate = base.rows_per_s() if base else math.nan
+        base_auc = (
+            _auc(_labels(base, y), base.preds) if base and base.preds is not None else math.nan
+        )
         rows.append(
             [
                 r.learner,
@@ -504,6 +552,7 @@ def report(stream: Stream, results: Sequence[Result]) -> None:
                 f"{auc:.4f}",
                 f"{_auc(yr[half:], r.preds[half:]):.4f}",
                 f"{_log_loss(yr, r.preds):.4f}",
+                f"{_copc(yr, r.preds):.3f}",
                 "n/a" if math.isnan(base_rate) else f"{rate / base_rate:.2f}x",
                 "n/a" if math.isnan(base_auc) else f"{auc - base_auc:+.4f}",
             ]
@@ -515,21 +564,83 @@ def report(stream: Stream, results: Sequence[Result]) -> None:
     )
     if stream.true_p is not None:
         title += f"; Bayes AUC of these rows {exact_auc(y, stream.true_p):.4f}"
-    print_table(
-        title,
-        HEADER,
-        rows,
-    )
+    print_table(title, HEADER, rows)
+    print_targets(stream, results)
+
+
+def _labels(r: Result, y: F32) -> F32:
+    return r.labels if r.labels is not None else y
+
+
+def _reference(r: Result, results: Sequence[Result]) -> Result | None:
+    """This project's 32-row sync run to compare ``r`` with (same learner; in-process for
+    the peers and for 2-trainer pipeline runs, the 1-trainer pipeline run)."""
+    learner = r.learner if r.learner in ("in-process", "PS, 2 shards", "pipeline") else "in-process"
+    for cand in results:
+        same = cand.learner == learner and cand.ok and SYNC32 in cand.config
+        if same and (learner != "pipeline" or cand.config.startswith("1 trainer")):
+            return cand
+    return None
+
+
+def print_targets(stream: Stream, results: Sequence[Result]) -> None:
+    """The defaults' targets (issue 12, point 3), each with its measured figures.
+
+    Quality: progressive AUC within 0.003 of the 32-row sync configuration and COPC in
+    [0.9, 1.1], for the in-process, PS and pipeline runs; speed (streams of 1M rows
+    and more): at least 10x the 32-row sync rows/s; 2 pipeline trainers within 0.005
+    AUC of 1 trainer.
+    """
+    y = stream.labels
+    lines = []
+    for r in results:
+        if not r.ok or DEFAULTS_TAG not in r.config:
+            continue
+        base = _reference(r, results)
+        yr = _labels(r, y)
+        auc, copc = _auc(yr, r.preds), _copc(yr, r.preds)
+        where = f"{r.learner} {r.config.split(':')[0] if r.learner == 'pipeline' else ''}".strip()
+        if base is not None:
+            d = auc - _auc(_labels(base, y), base.preds)
+            lines.append(
+                f"{where}: AUC {auc:.4f} vs 32-row sync {auc - d:.4f} (diff {d:+.4f}, "
+                f"target >= -0.003): {'ok' if d >= -0.003 else 'MISSED'}"
+            )
+            if stream.rows >= 1_000_000:
+                x = r.rows_per_s() / base.rows_per_s()
+                lines.append(
+                    f"{where}: {x:.1f}x the 32-row sync rows/s (target >= 10x): "
+                    f"{'ok' if x >= 10 else 'MISSED'}"
+                )
+        lines.append(
+            f"{where}: COPC {copc:.3f} (target 0.9-1.1): {'ok' if 0.9 <= copc <= 1.1 else 'MISSED'}"
+        )
+    piped = [r for r in results if r.ok and r.learner == "pipeline" and DEFAULTS_TAG in r.config]
+    one = next((r for r in piped if r.config.startswith("1 trainer")), None)
+    two = next((r for r in piped if r.config.startswith("2 trainer")), None)
+    if one and two:
+        d = _auc(_labels(two, y), two.preds) - _auc(_labels(one, y), one.preds)
+        lines.append(
+            f"pipeline defaults: 2 trainers vs 1, AUC diff {d:+.4f} (target >= -0.005): "
+            f"{'ok' if d >= -0.005 else 'MISSED'}"
+        )
+    if lines:
+        print("\nTargets of the defaults (issue 12):")
+        for line in lines:
+            print(f"  {line}")
 
 
 def run_all(stream: Stream, skip_pipeline: bool, vw_variants: Sequence[str]) -> None:
     """Every learner on ``stream``, then the table."""
-    results = [_attempt("in-process", "best model config", partial(run_inprocess, stream))]
-    results.append(_attempt("PS, 2 shards", "best model config", partial(run_ps, stream)))
+    results = []
+    for config in (SYNC32, DEFAULTS):
+        results.append(_attempt("in-process", config, partial(run_inprocess, stream, config)))
+    for config in (SYNC32, DEFAULTS):
+        results.append(_attempt("PS, 2 shards", config, partial(run_ps, stream, config)))
     if not skip_pipeline:
-        for n in (1, 2):
+        for n, config in ((1, SYNC32), (1, DEFAULTS), (2, DEFAULTS)):
             results.append(
-                _attempt("pipeline", f"{n} trainer(s)", partial(run_pipeline, stream, n))
+                _attempt("pipeline", f"{n} trainer(s)", partial(run_pipeline, stream, n, config))
             )
     for flags in vw_variants:
         config = f"logistic -b 24 {flags}".strip()

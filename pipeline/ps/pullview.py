@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.ps.keys import ShardKeys, row_bytes
 
-__all__ = ["decode_rows", "delete_rows", "read_rows", "write_rows"]
+__all__ = ["decode_rows", "delete_rows", "read_rows", "write_commands", "write_rows"]
 
 WRITE_CHUNK = 4096  # keys per MSET: bounded command size, no long Redis stalls
 
@@ -56,6 +56,14 @@ def write_rows(pipe: Any, keys: ShardKeys, ids: np.ndarray, weights: np.ndarray)
         args[0::2] = names[start : start + WRITE_CHUNK]
         args[1::2] = values[start : start + WRITE_CHUNK]
         pipe.execute_command("MSET", *args)
+
+
+def write_commands(keys: ShardKeys, ids: np.ndarray, weights: np.ndarray) -> list[bytes]:
+    """Pre-encoded MSETs of ``weights`` for ``ids`` (what :func:`write_rows` queues)."""
+    return [
+        keys.mset_command(ids[start : start + WRITE_CHUNK], weights[start : start + WRITE_CHUNK])
+        for start in range(0, len(ids), WRITE_CHUNK)
+    ]
 
 
 def delete_rows(pipe: Any, keys: ShardKeys, ids: np.ndarray) -> None:

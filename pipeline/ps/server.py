@@ -147,6 +147,8 @@ class ShardServer:
         self.consumer = f"shard-{shard}".encode()
         self.stats = ServerStats()
         self._cluster = not isinstance(client, _single_node_type())
+        # a plain single-node client: apply rounds send pre-encoded commands on its pool
+        self._raw_pool = None if self._cluster else getattr(client, "connection_pool", None)
         self._snapshot = (
             load_snapshot(self.options.restore) if self.options.restore is not None else None
         )
@@ -346,23 +348,54 @@ class ShardServer:
                 cp.cut(entry_id.decode())  # mid-round: keeps every delta (and its copy) small
         self.stats.entries += len(entries)
         state.applied = entries[-1][0]
-        pipe = self.redis.pipeline(transaction=False)
+        rows: tuple[np.ndarray, np.ndarray] | None = None
         if changed_ids:
             ids = np.concatenate(changed_ids)
             weights = np.concatenate(changed_w)
             # The same id may change in several entries: keep its last weights.
             _, last_rev = np.unique(ids[::-1], return_index=True)
             keep = len(ids) - 1 - last_rev
-            pullview.write_rows(pipe, state.keys, ids[keep], weights[keep])
+            rows = ids[keep], weights[keep]
         meta: dict[bytes, Any] = {b"applied": state.applied, b"rows": len(state.table), **barriers}
         for reason, count in self.stats.rejected.items():
             meta[f"rejected:{reason}".encode()] = count
-        pipe.hset(state.keys.meta, mapping=meta)
-        pipe.xack(state.keys.stream, GROUP, *[entry_id for entry_id, _ in entries])
+        # the pull view first, then "applied": a trainer that sees it reads the new rows
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", state.keys.meta, *[x for kv in meta.items() for x in kv]),
+            ("XACK", state.keys.stream, GROUP, *[entry_id for entry_id, _ in entries]),
+        ]
         if self.options.data_dir is None:  # nothing to replay from: trim what is applied
-            pipe.xtrim(state.keys.stream, minid=state.applied)
+            commands.append(("XTRIM", state.keys.stream, "MINID", state.applied))
+        if self._raw_pool is not None:
+            raw = [] if rows is None else pullview.write_commands(state.keys, *rows)
+            self._send_raw(raw, commands)
+            return len(entries)
+        pipe = self.redis.pipeline(transaction=False)
+        if rows is not None:
+            pullview.write_rows(pipe, state.keys, *rows)
+        for command in commands:
+            pipe.execute_command(*command)
         pipe.execute()
         return len(entries)
+
+    def _send_raw(self, raw: list[bytes], commands: list[tuple[Any, ...]]) -> None:
+        """Pre-encoded commands then ``commands`` in one round trip on a pooled connection.
+
+        Single-node Redis only (a cluster client routes each key; it takes the pipeline).
+        """
+        assert self._raw_pool is not None
+        conn = self._raw_pool.get_connection()
+        try:
+            conn.send_packed_command([*raw, *conn.pack_commands(commands)])
+            replies = [conn.read_response() for _ in range(len(raw) + len(commands))]
+        except BaseException:
+            conn.disconnect()  # unread replies may be left on the stream: never reuse it
+            raise
+        finally:
+            self._raw_pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     def _maintain(self) -> None:
         now = time.monotonic()

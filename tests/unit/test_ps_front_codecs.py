@@ -173,3 +173,14 @@ def test_raw_mget_command_equals_redis_py_packing(ids: np.ndarray) -> None:
     keys = ShardKeys("wide", 12)
     packed = PythonRespSerializer(65536, lambda x: x).pack("MGET", *keys.pull_keys(ids))
     assert keys.mget_command(ids) == b"".join(packed)
+
+
+@given(u64.filter(len), st.integers(1, 17), st.integers(0, 2**32 - 1))
+def test_raw_mset_command_equals_redis_py_packing(ids: np.ndarray, dim: int, seed: int) -> None:
+    from redis.connection import PythonRespSerializer
+
+    keys = ShardKeys("deep", 3)
+    rows = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
+    args = [x for pair in zip(keys.pull_keys(ids), row_bytes(rows), strict=True) for x in pair]
+    packed = PythonRespSerializer(65536, lambda x: x).pack("MSET", *args)
+    assert keys.mset_command(ids, rows) == b"".join(packed)
