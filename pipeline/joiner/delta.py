@@ -187,7 +187,8 @@ def finish_restore(joiner: PartitionJoiner) -> None:
         # an open window the watermark passed was closed, and forgotten before any later
         # delta could record it (a live one would have been written as closed)
         gone |= (status == PENDING) & (time + joiner.config.window_ms < wm)
-        waiting = np.array([r in joiner.orphans for r in used.tolist()], dtype=bool)
+        held = np.fromiter(joiner.orphans, dtype=np.int64, count=len(joiner.orphans))
+        waiting = np.isin(used, held)
         gone |= (status == NONE) & (t.emitted[used] == 0) & ~waiting
         t.release(used[gone])
         used = used[~gone]

@@ -719,7 +719,10 @@ class PartitionJoiner:
         rows = rows[ok]
         if len(rows):
             rows = unique(rows)
-            waiting = np.array([r in self.orphans for r in rows.tolist()], dtype=bool)
+            waiting = np.zeros(len(rows), dtype=bool)
+            if self.orphans:  # only rows without an impression can have clicks waiting
+                held = np.fromiter(self.orphans, dtype=np.int64, count=len(self.orphans))
+                waiting = np.isin(rows, held)
             if waiting.any():  # marks expire, the clicks still wait for their impression
                 t.emitted[rows[waiting]] = 0
                 t.dirty[rows[waiting]] = True
