@@ -42,21 +42,18 @@ def _round(acc: U64, lane: U64) -> U64:
 
 
 class _Words:
-    """Unaligned little-endian 64-bit reads at arbitrary byte positions of a buffer."""
+    """Little-endian 64-bit reads at arbitrary (unaligned) byte positions of a buffer."""
 
     def __init__(self, buf: npt.NDArray[np.uint8]) -> None:
         size = (len(buf) + _PAD) // 8 * 8
         padded = np.zeros(size, dtype=np.uint8)
         padded[: len(buf)] = buf
         self.bytes = padded
-        self._w8 = padded.view("<u8")
+        # a uint64 starting at every byte: an overlapping view (stride 1, unaligned)
+        self._at = np.ndarray(shape=(size - 7,), dtype="<u8", buffer=padded, strides=(1,))
 
     def u64(self, pos: npt.NDArray[np.int64]) -> U64:
-        # two aligned reads, shifted together (a shift by 64 is not defined: where())
-        q = pos >> 3
-        shift = ((pos & 7) << 3).astype(np.uint64)
-        lo, hi = self._w8[q], self._w8[q + 1]
-        return np.where(shift == 0, lo, (lo >> shift) | (hi << (np.uint64(64) - shift)))
+        return self._at[pos]
 
 
 def xxh64_ranges(
