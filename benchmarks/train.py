@@ -124,7 +124,7 @@ def specs(rows: SampleBatch, run: str) -> tuple[list[TableSpec], ModelSpec]:
 # -- plain torch ---------------------------------------------------------------
 def plain_torch(rows: SampleBatch, batch_rows: int, limit: int | None = None) -> Run:
     """The same model in a plain PyTorch loop over full tables with sparse Adagrad."""
-    from pipeline.train.trainer import dense_optimizer
+    from pipeline.train.dense_opt import dense_optimizer
 
     tables, spec = specs(rows, "plain")
     n = rows.num_rows if limit is None else min(limit, rows.num_rows)

@@ -13,7 +13,7 @@ from pipeline.ingest.adapters.criteo import CRITEO_SLOTS
 from pipeline.model.modules import build_model
 from pipeline.ps.catalog import load_catalog
 from pipeline.train.defaults import deep_lr, default_model, default_tables, wide_lr
-from pipeline.train.trainer import _dense_optimizer
+from pipeline.train.dense_opt import dense_optimizer
 
 pytestmark = pytest.mark.unit
 
@@ -41,8 +41,8 @@ def test_linear_lr_trains_bias_and_linear_with_adagrad_and_the_rest_with_adam() 
     layout = SlotConfig(("a", "b"), 3)
     spec = default_model(layout, hidden=(4,))
     model = build_model(spec)
-    opt = _dense_optimizer(spec, model)
-    parts = opt.parts  # type: ignore[union-attr]
+    opt = dense_optimizer(spec, model)
+    parts = opt.parts
     assert isinstance(parts[0], torch.optim.Adagrad)
     assert isinstance(parts[1], torch.optim.Adam)
     linear = {id(p) for g in parts[0].param_groups for p in g["params"]}
