@@ -88,10 +88,11 @@ class BatchIds:
 
     def occurrence_rows(self) -> I64:
         """Row (0..N-1) of every entry of ``index``."""
-        return self.bags() % max(self.num_rows, 1)
+        return self.bags % max(self.num_rows, 1)
 
+    @cached_property
     def bags(self) -> I64:
-        """Bag (``s * N + r``) of every entry of ``index``."""
+        """Bag (``s * N + r``) of every entry of ``index`` (computed once per batch)."""
         nnz = int(self.index.shape[0])
         if self.one_hot:
             return np.arange(nnz, dtype=np.int64)

@@ -485,14 +485,10 @@ class Trainer:
                 name: slots if local is None else slots[local] for name, slots in pass_slots.items()
             }
             batch_grads = self._step_batch(batch, ids, rows)
-            bags = ids.bags()
-            occ = np.bincount(ids.index, minlength=ids.num_unique).astype(np.float32)
-            positive = np.asarray(batch.labels)[bags % batch.num_rows] >= 0.5
-            clk = np.bincount(ids.index, weights=positive, minlength=ids.num_unique)
             # a batch's unique ids map to distinct pass positions: plain indexed adds
             at = slice(None) if local is None else local
-            shows[at] += occ
-            clicks[at] += clk.astype(np.float32)
+            shows[at] += ids.occurrences()
+            clicks[at] += ids.clicks(batch.labels)
             for name, g in batch_grads.items():
                 grads[name].append((local, g))
             if len(batch.event_times):
@@ -524,15 +520,14 @@ class Trainer:
             ]
             self._pending.append(_Pending(receipts, completes))
 
-        # synchronous: push on this thread, it waits for the apply next anyway
-        if self.stage.synchronous:
-            push()
-        else:
+        if not self.stage.synchronous:
             self._push_futures.append(self._comm.submit(push))
-        if self.stage.synchronous:
-            t = time.perf_counter()
-            self._flush_all(dense=False)
-            self.stages.wait_comm += time.perf_counter() - t
+            return
+        # synchronous: push on this thread, which waits for the apply next anyway
+        t = time.perf_counter()
+        push()
+        self._flush_all(dense=False)
+        self.stages.wait_comm += time.perf_counter() - t
 
     def _step_batch(
         self, batch: Any, ids: BatchIds, rows: Mapping[str, npt.NDArray[np.int64]]
@@ -542,7 +537,7 @@ class Trainer:
         index = torch.from_numpy(ids.index).to(dev)
         offsets = torch.from_numpy(ids.offsets).to(dev)
         one_hot = ids.one_hot
-        bags = None if one_hot else torch.from_numpy(ids.bags()).to(dev)
+        bags = None if one_hot else torch.from_numpy(ids.bags).to(dev)
         slots_t = {}
         inputs = {}
         for name, cache in self.caches.items():

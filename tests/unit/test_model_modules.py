@@ -214,10 +214,9 @@ def test_one_hot_and_shared_bags_routes_agree_with_the_generic_one(max_per_row: 
     for fast in (False, True):
         weight = base.clone().requires_grad_(True)
         inp = sparse_input(ids, weight)
-        if fast:
-            inp = inp._replace(bags=torch.from_numpy(ids.bags()))
-        else:
-            inp = inp._replace(one_hot=False)
+        # fast: one-hot gather (or shared bags); slow: the generic route for every batch
+        fast_inp = inp._replace(bags=torch.from_numpy(ids.bags))
+        inp = fast_inp if fast else inp._replace(one_hot=False)
         out = pooled(inp)
         (out * torch.arange(out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
         results.append((out.detach(), weight.grad))
