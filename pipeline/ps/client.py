@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.ps import dense as dense_io
+from pipeline.ps import resp
 from pipeline.ps.gradstream import Push, StreamEntryError, encode_push, stream_id_tuple
 from pipeline.ps.keys import ShardKeys, split_by_shard
 from pipeline.ps.pullview import decode_rows
@@ -135,19 +136,7 @@ class PSClient:
     def _raw_mget(self, commands: list[bytes]) -> list[list[bytes | None]]:
         """Send pre-encoded MGETs in one round trip on a pooled connection; read the replies."""
         assert self._raw_pool is not None
-        conn = self._raw_pool.get_connection()
-        try:
-            conn.send_packed_command([b"".join(commands)])
-            replies = [conn.read_response() for _ in commands]
-        except BaseException:
-            conn.disconnect()  # the stream may hold unread replies: never reuse it
-            raise
-        finally:
-            self._raw_pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return resp.send(self._raw_pool, commands)
 
     # -- push --------------------------------------------------------------
     def _validate(

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.ps import pullview
+from pipeline.ps import pullview, resp
 from pipeline.ps.accessor import Clock, system_clock
 from pipeline.ps.checkpoint import CheckpointOptions, Checkpoints
 from pipeline.ps.client import registry_key
@@ -368,7 +368,7 @@ class ShardServer:
             commands.append(("XTRIM", state.keys.stream, "MINID", state.applied))
         if self._raw_pool is not None:
             raw = [] if rows is None else pullview.write_commands(state.keys, *rows)
-            self._send_raw(raw, commands)
+            resp.send(self._raw_pool, raw, commands)
             return len(entries)
         pipe = self.redis.pipeline(transaction=False)
         if rows is not None:
@@ -377,25 +377,6 @@ class ShardServer:
             pipe.execute_command(*command)
         pipe.execute()
         return len(entries)
-
-    def _send_raw(self, raw: list[bytes], commands: list[tuple[Any, ...]]) -> None:
-        """Pre-encoded commands then ``commands`` in one round trip on a pooled connection.
-
-        Single-node Redis only (a cluster client routes each key; it takes the pipeline).
-        """
-        assert self._raw_pool is not None
-        conn = self._raw_pool.get_connection()
-        try:
-            conn.send_packed_command([*raw, *conn.pack_commands(commands)])
-            replies = [conn.read_response() for _ in range(len(raw) + len(commands))]
-        except BaseException:
-            conn.disconnect()  # unread replies may be left on the stream: never reuse it
-            raise
-        finally:
-            self._raw_pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
 
     def _maintain(self) -> None:
         now = time.monotonic()
