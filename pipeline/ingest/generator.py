@@ -32,6 +32,7 @@ from pipeline.ingest.adapters.base import Dataset, SlotIds, make_batch
 
 __all__ = [
     "SLOTS",
+    "EventBlock",
     "EventLog",
     "GeneratorError",
     "MalformedEvent",
@@ -344,72 +345,285 @@ class TrafficGenerator:
         """The first ``n`` samples as a :class:`Dataset` (for code that takes any dataset)."""
         return _SyntheticDataset(self, n)
 
-    def events(self, n: int) -> EventLog:
-        """The first ``n`` impressions as records, their clicks, and malformed payloads.
+    def event_blocks(self, n: int) -> Iterator[EventBlock]:
+        """The first ``n`` impressions and their clicks as columnar :class:`EventBlock` s.
 
-        Exactly ``round(late_click_fraction * clicks)`` clicks come 1.1-2x the attribution
-        window late; the others within 0.9x of it (a margin either side, so ``<`` and
-        ``<=`` joiners agree). ``duplicate_clicks`` repeat random on-time clicks.
+        One block per internal generator block (512 requests), generated on the fly in
+        O(block) memory: the impressions of that block and the clicks (of this or earlier
+        blocks) due before the block's last impression time, so concatenating the blocks
+        gives both streams in event-time order. A block's clicks are drawn from
+        ``default_rng([seed, 2, block])``:
+
+        * on time: a truncated exponential delay (mean ``mean_click_delay_ms``) within
+          ``[1 ms, 0.9 * window]``;
+        * late (``[1.1, 2.0] * window``): by a running quota, so that the first ``b``
+          blocks hold exactly ``round(late_click_fraction * clicks so far)`` late
+          clicks, for every ``b`` (the margins mean ``<`` and ``<=`` joiners agree);
+        * ``duplicate_clicks`` extra copies of on-time clicks, spread evenly over the
+          blocks (a block without an on-time click passes its share on), each later
+          than the original but within 0.9 of the window.
+
+        The ``malformed_events`` payloads ride on the first block. A block does not
+        depend on ``n`` unless it is the last one (cut at ``n``), so ``event_blocks(n)``
+        agrees with ``event_blocks(m)`` on every full block before the last.
         """
-        c, window = self.config, self.config.attribution_window_ms
-        cols = next(self._take(n, max(n, 1))) if n else {k: np.zeros(0, np.int64) for k in _COLS}
-        rng = np.random.default_rng([c.seed, 2])
-        requests = [f"r{c.seed}-{r}" for r in cols["request"].tolist()]
-        index = self._index(cols)
-        raw = {s: [self.raw_value(s, i) for i in index[s].tolist()] for s in SLOTS}
-        users, items, times = raw["user_id"], raw["item_id"], cols["time"].tolist()
-        impressions = [
-            {
-                "request_id": requests[j],
-                "user_id": users[j],
-                "item_id": items[j],
-                "event_time": times[j],
-                "features": {s: raw[s][j] for s in SLOTS},
-                "context": None,
-            }
-            for j in range(n)
+        c = self.config
+        if n < 0:
+            raise GeneratorError(f"need n >= 0, got {n}")
+        per_block = _BLOCK_REQUESTS * c.items_per_request
+        total_blocks = max(1, -(-n // per_block))
+        malformed_rng = np.random.default_rng([c.seed, 3])
+        malformed = [
+            _malformed(j, malformed_rng, c.start_time_ms) for j in range(c.malformed_events)
         ]
-        clicked = np.flatnonzero(cols["click"])
-        late = np.zeros(n, dtype=bool)
-        late[rng.choice(clicked, round(c.late_click_fraction * len(clicked)), replace=False)] = True
-        delay = np.full(n, -1, dtype=np.int64)
+        if n == 0:
+            yield _empty_block(malformed)
+            return
+        pending = _Clicks.empty()
+        clicks_seen = late_seen = dups_carried = 0
+        done = 0
+        for b, cols in enumerate(self._blocks()):
+            size = min(len(cols["p"]), n - done)
+            cols = {key: v[:size] for key, v in cols.items()}
+            done += size
+            last = done >= n
+            rng = np.random.default_rng([c.seed, 2, b])
+            clicked = np.flatnonzero(cols["click"])
+            clicks_seen += len(clicked)
+            late_n = min(
+                len(clicked), max(0, round(c.late_click_fraction * clicks_seen) - late_seen)
+            )
+            late_seen += late_n
+            dup_share = (b + 1) * c.duplicate_clicks // total_blocks
+            dup_share -= b * c.duplicate_clicks // total_blocks
+            wanted = dup_share + dups_carried
+            new, delay, dups_carried = self._block_clicks(rng, cols, clicked, late_n, wanted)
+            if last and dups_carried:
+                raise GeneratorError("duplicate_clicks needs at least one on-time click; raise n")
+            pending = pending.extend(new)
+            due = len(pending) if last else pending.due_before(int(cols["time"][-1]))
+            clicks, pending = pending.split(due)
+            yield EventBlock(
+                index=b,
+                request=cols["request"],
+                user=cols["user"],
+                item=cols["item"],
+                device=cols["device"],
+                position=cols["position"],
+                time=cols["time"],
+                p=cols["p"].astype(np.float64),
+                click_delay_ms=delay,
+                click_request=clicks.request,
+                click_user=clicks.user,
+                click_item=clicks.item,
+                click_time=clicks.time,
+                late_clicks=late_n,
+                duplicate_clicks=wanted - dups_carried,
+                malformed=malformed if b == 0 else [],
+            )
+            if last:
+                return
+
+    def _block_clicks(
+        self,
+        rng: np.random.Generator,
+        cols: dict[str, Any],
+        clicked: I64,
+        late_n: int,
+        dups_wanted: int,
+    ) -> tuple[_Clicks, I64, int]:
+        """The clicks of one block (row order, duplicates last), each impression's first
+        click delay (-1: none), and the duplicates passed on (no on-time click here)."""
+        c, window = self.config, self.config.attribution_window_ms
+        size = len(cols["p"])
+        late = np.zeros(size, dtype=bool)
+        late[rng.choice(clicked, late_n, replace=False)] = True
+        delay = np.full(size, -1, dtype=np.int64)
         cap, mean = 0.9 * window, float(c.mean_click_delay_ms)
         u = rng.random(len(clicked))  # truncated exponential on [0, cap] by inverse CDF
         on_time = -mean * np.log1p(-u * -np.expm1(-cap / mean))
         delay[clicked] = np.maximum(np.floor(on_time), 1).astype(np.int64)
         delay[late] = np.floor(rng.uniform(1.1 * window, 2.0 * window, int(late.sum())))
-        click_rows = clicked.tolist()
-        click_times = [times[j] + int(delay[j]) for j in click_rows]
         prompt = np.flatnonzero((delay >= 0) & ~late)
-        if c.duplicate_clicks and not len(prompt):
-            raise GeneratorError("duplicate_clicks needs at least one on-time click; raise n")
-        dups = rng.choice(prompt, c.duplicate_clicks, replace=c.duplicate_clicks > len(prompt))
-        for j in dups.tolist():
-            click_rows.append(j)
-            click_times.append(times[j] + int(rng.integers(delay[j], int(cap) + 1)))
-        order = np.argsort(np.asarray(click_times, dtype=np.int64), kind="stable").tolist()
-        clicks = [
-            {
-                "request_id": requests[click_rows[o]],
-                "user_id": users[click_rows[o]],
-                "item_id": items[click_rows[o]],
-                "event_time": click_times[o],
-            }
-            for o in order
-        ]
+        carried = 0
+        dups = np.zeros(0, dtype=np.int64)
+        if dups_wanted and not len(prompt):
+            carried = dups_wanted
+        elif dups_wanted:
+            dups = rng.choice(prompt, dups_wanted, replace=dups_wanted > len(prompt))
+        rows = np.concatenate([clicked, dups]).astype(np.int64)
+        times = cols["time"][rows] + delay[rows]
+        if len(dups):
+            times[len(clicked) :] = cols["time"][dups] + rng.integers(delay[dups], int(cap) + 1)
+        order = np.argsort(times, kind="stable")
+        rows, times = rows[order], times[order]
+        clicks = _Clicks(cols["request"][rows], cols["user"][rows], cols["item"][rows], times)
+        return clicks, delay, carried
+
+    def events(self, n: int) -> EventLog:
+        """The first ``n`` impressions as records, their clicks, and malformed payloads.
+
+        The records of :meth:`event_blocks` (see there for click delays, late and
+        duplicate clicks), built as dicts: ``pipeline.ingest.eventbytes`` encodes the
+        same blocks straight to Avro bodies, for producing at high rates. Exactly
+        ``round(late_click_fraction * clicks)`` clicks come late.
+        """
+        blocks = list(self.event_blocks(n))
+        impressions: list[dict[str, Any]] = []
+        clicks: list[dict[str, Any]] = []
+        for block in blocks:
+            impressions += self.impression_records(block)
+            clicks += self.click_records(block)
         return EventLog(
             impressions=impressions,
             clicks=clicks,
-            malformed=[_malformed(j, rng, c.start_time_ms) for j in range(c.malformed_events)],
-            click_delay_ms=delay,
-            true_p=cols["p"].astype(np.float64),
-            attribution_window_ms=window,
-            late_clicks=int(late.sum()),
-            duplicate_clicks=c.duplicate_clicks,
+            malformed=blocks[0].malformed,
+            click_delay_ms=np.concatenate([b.click_delay_ms for b in blocks]),
+            true_p=np.concatenate([b.p for b in blocks]),
+            attribution_window_ms=self.config.attribution_window_ms,
+            late_clicks=sum(b.late_clicks for b in blocks),
+            duplicate_clicks=sum(b.duplicate_clicks for b in blocks),
         )
 
+    def request_id(self, request: int) -> str:
+        """The ``request_id`` of request number ``request``: ``r<seed>-<request>``."""
+        return f"r{self.config.seed}-{request}"
 
-_COLS = ("request", "user", "item", "device", "position", "time", "p", "click")
+    def impression_records(self, block: EventBlock) -> list[dict[str, Any]]:
+        """The block's impressions as ``Impression`` records (dicts)."""
+        index = self._index(
+            {
+                "user": block.user,
+                "item": block.item,
+                "device": block.device,
+                "position": block.position,
+            }
+        )
+        raw = {s: [self.raw_value(s, i) for i in index[s].tolist()] for s in SLOTS}
+        requests = [self.request_id(r) for r in block.request.tolist()]
+        times = block.time.tolist()
+        return [
+            {
+                "request_id": requests[j],
+                "user_id": raw["user_id"][j],
+                "item_id": raw["item_id"][j],
+                "event_time": times[j],
+                "features": {s: raw[s][j] for s in SLOTS},
+                "context": None,
+            }
+            for j in range(len(times))
+        ]
+
+    def click_records(self, block: EventBlock) -> list[dict[str, Any]]:
+        """The block's clicks as ``Click`` records (dicts), in event-time order."""
+        return [
+            {
+                "request_id": self.request_id(r),
+                "user_id": self.raw_value("user_id", u),
+                "item_id": self.raw_value("item_id", i),
+                "event_time": t,
+            }
+            for r, u, i, t in zip(
+                block.click_request.tolist(),
+                block.click_user.tolist(),
+                block.click_item.tolist(),
+                block.click_time.tolist(),
+                strict=True,
+            )
+        ]
+
+
+@dataclass(frozen=True)
+class EventBlock:
+    """A slice of the event stream, columnar: one generator block's impressions and
+    the clicks due before its last impression time (both in event-time order).
+
+    Entity columns hold indices (``user`` 17 is ``"u17"``, see
+    :meth:`TrafficGenerator.raw_value`); ``request`` is the request number of
+    :meth:`TrafficGenerator.request_id`.
+    """
+
+    index: int  # the generator block
+    request: I64
+    user: I64
+    item: I64
+    device: I64
+    position: I64  # 1-based
+    time: I64  # event time, ms
+    p: F64  # true click probability
+    click_delay_ms: I64  # the impression's first-click delay, -1: none
+    click_request: I64
+    click_user: I64
+    click_item: I64
+    click_time: I64
+    late_clicks: int  # of the clicks drawn in this block (they may be due later)
+    duplicate_clicks: int
+    malformed: list[MalformedEvent]
+
+    @property
+    def impressions(self) -> int:
+        return len(self.time)
+
+    @property
+    def clicks(self) -> int:
+        return len(self.click_time)
+
+
+@dataclass(frozen=True)
+class _Clicks:
+    """Clicks drawn but not yet emitted, in event-time order (ties: drawn first, first)."""
+
+    request: I64
+    user: I64
+    item: I64
+    time: I64
+
+    @staticmethod
+    def empty() -> _Clicks:
+        none = np.zeros(0, dtype=np.int64)
+        return _Clicks(none, none, none, none)
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def extend(self, new: _Clicks) -> _Clicks:
+        """Both sets merged in time order, this one first at equal times."""
+        cols = [np.concatenate([a, b]) for a, b in zip(self._cols(), new._cols(), strict=True)]
+        order = np.argsort(cols[3], kind="stable")
+        return _Clicks(*(col[order] for col in cols))
+
+    def due_before(self, time_ms: int) -> int:
+        """How many clicks come strictly before ``time_ms``."""
+        return int(np.searchsorted(self.time, time_ms, side="left"))
+
+    def split(self, k: int) -> tuple[_Clicks, _Clicks]:
+        cols = self._cols()
+        return _Clicks(*(c[:k] for c in cols)), _Clicks(*(c[k:] for c in cols))
+
+    def _cols(self) -> tuple[I64, I64, I64, I64]:
+        return self.request, self.user, self.item, self.time
+
+
+def _empty_block(malformed: list[MalformedEvent]) -> EventBlock:
+    none, nothing = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    return EventBlock(
+        0,
+        none,
+        none,
+        none,
+        none,
+        none,
+        none,
+        nothing,
+        none,
+        none,
+        none,
+        none,
+        none,
+        0,
+        0,
+        malformed,
+    )
 
 
 def _malformed(j: int, rng: np.random.Generator, time_ms: int) -> MalformedEvent:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -185,3 +186,57 @@ def test_dataset_view_and_settings_errors() -> None:
         TrafficGenerator(colour="red")
     with pytest.raises(GeneratorError, match="on-time click"):
         TrafficGenerator(base_ctr=1e-9, duplicate_clicks=1, ctr_drift=0).events(3)
+
+
+def test_event_blocks_stream_in_time_order_and_concatenate_to_events() -> None:
+    cfg = TrafficConfig(
+        seed=6,
+        rate=3000.0,
+        attribution_window_ms=2000,
+        mean_click_delay_ms=400,
+        late_click_fraction=0.2,
+        duplicate_clicks=11,
+        malformed_events=3,
+    )
+    gen = TrafficGenerator(cfg)
+    n = 10_000  # 7 blocks of 1536 impressions, the last one cut
+    blocks = list(gen.event_blocks(n))
+    assert [b.impressions for b in blocks] == [1536] * 6 + [n - 6 * 1536]
+    assert [len(b.malformed) for b in blocks] == [3] + [0] * 6
+    # each block's clicks come before its last impression time, every later event at or
+    # after it: the concatenated blocks are both streams in event-time order
+    for b, nxt in itertools.pairwise(blocks):
+        assert (b.click_time < b.time[-1]).all()
+        assert nxt.time[0] >= b.time[-1] and (nxt.click_time >= b.time[-1]).all()
+    clicks = np.concatenate([b.click_time for b in blocks])
+    assert (np.diff(clicks) >= 0).all()
+    # every prefix of blocks holds exactly round(fraction x clicks so far) late clicks
+    seen = late = 0
+    for b in blocks:
+        seen += int((b.click_delay_ms >= 0).sum())
+        late += b.late_clicks
+        assert (
+            late
+            == round(0.2 * seen)
+            == int((np.concatenate([x.click_delay_ms for x in blocks[: b.index + 1]]) > 2000).sum())
+        )
+    assert sum(b.duplicate_clicks for b in blocks) == 11
+    log = gen.events(n)
+    assert log.impressions == [r for b in blocks for r in gen.impression_records(b)]
+    assert log.clicks == [r for b in blocks for r in gen.click_records(b)]
+    assert len(log.clicks) == seen + 11
+
+
+def test_event_blocks_are_generated_on_the_fly_and_prefix_stable() -> None:
+    gen = TrafficGenerator(seed=8)
+    first = next(gen.event_blocks(10**12))  # no up-front work over n
+    assert first.impressions == 1536
+    short, long = list(gen.event_blocks(4000)), list(gen.event_blocks(9000))
+    for a, b in zip(short[:-1], long, strict=False):  # full blocks do not depend on n
+        assert a.time.tolist() == b.time.tolist()
+        assert a.click_time.tolist() == b.click_time.tolist()
+        assert a.click_delay_ms.tolist() == b.click_delay_ms.tolist()
+    empty = list(TrafficGenerator(seed=8, malformed_events=2).event_blocks(0))
+    assert [(b.impressions, b.clicks, len(b.malformed)) for b in empty] == [(0, 0, 2)]
+    with pytest.raises(GeneratorError, match="n >= 0"):
+        next(gen.event_blocks(-1))
