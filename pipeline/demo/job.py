@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import signal
 import time
 import uuid
@@ -37,7 +38,16 @@ from pipeline.config import StackSettings
 from pipeline.demo.feeds import EventFeed, Feed, SampleFeed
 from pipeline.demo.lag import GroupLag
 from pipeline.demo.procs import ProcessSet
-from pipeline.demo.report import Tick, Timeline, format_tick, summarize, summary_text, write_report
+from pipeline.demo.report import (
+    Tick,
+    Timeline,
+    format_tick,
+    group_lags,
+    resources,
+    summarize,
+    summary_text,
+    write_report,
+)
 from pipeline.errors import PipelineError
 
 __all__ = ["DemoError", "DemoSettings", "run_demo"]
@@ -384,6 +394,9 @@ def _run(
 
     sink = RedisMetricsSink(client, job)
     timeline = Timeline()
+    # beside the roles: the stack's processes (when started here) and this one, the feed
+    single = {n: s.pid for n, s in services.items() if getattr(s, "pid", None) is not None}
+    single["feed"] = os.getpid()
     t0 = time.monotonic()
     first_trained: float | None = None
     last = (t0, 0)
@@ -402,6 +415,8 @@ def _run(
         health = _health(port)
         fresh = health.get("freshness_ms")
         auc = counts.auc() if trained else None
+        train_lag = lags["train"].measure()
+        join_lag = lags["join"].measure() if "join" in lags else None
         item = Tick(
             round(now - t0, 2),
             feed.expected_samples,
@@ -410,11 +425,14 @@ def _run(
             auc if auc is not None and auc == auc else None,
             health.get("model_version"),
             None if fresh is None else fresh / 1000,
-            lags["train"].messages(),
-            lags["join"].messages() if "join" in lags else None,
+            None if train_lag is None else train_lag[0],
+            None if join_lag is None else join_lag[0],
             _window_auc(sink),
+            None if train_lag is None else train_lag[1],
+            None if join_lag is None else join_lag[1],
         )
         timeline.add(item)
+        timeline.add_usage(item.t, procs.usage(single))
         echo(format_tick(item))
         return trained
 
@@ -426,11 +444,16 @@ def _run(
             raise DemoError(feed.error)
 
     stopped_by = "duration"  # or "data" (all of a shorter dataset trained), "interrupt"
+    flowing_t: float | None = None  # first tick with trained samples: every role is up
+    data_end_t = 0.0  # last tick while the data (impressions, samples) was still coming
     try:
         trained = 0
         while time.monotonic() - t0 < settings.duration_s:
             time.sleep(settings.progress_s)
             trained = tick()
+            data_end_t = timeline.ticks[-1].t
+            if trained and flowing_t is None:
+                flowing_t = data_end_t
             check()
             if not feed.is_alive() and trained >= feed.expected_samples:
                 stopped_by = "data"  # a dataset shorter than rate x duration: done early
@@ -496,6 +519,8 @@ def _run(
     counts, members = sink.global_cumulative()
     trained = int(counts.summary()["samples"])
     auc = counts.auc() if trained else None
+    if isinstance(feed, EventFeed):
+        bayes = feed.bayes_auc()
     snaps = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.exists() else []
     summary = summarize(
         timeline,
@@ -508,11 +533,20 @@ def _run(
         snapshot=str(snapshots / snaps[-1]) if snaps and snap_ok else None,
     )
     summary["trainers"] = members
+    summary["data_end_s"] = data_end_t
+    # RSS and CPU from when samples flow (every role loaded) to the end of the data
+    summary["resources"] = resources(timeline, flowing_t or 0.0, data_end_t)
+    summary["lags"] = group_lags(timeline, data_end_t)
     summary["stopped_by"] = stopped_by
     summary["interrupted"] = stopped_by == "interrupt"
     summary["samples_expected"] = produced
     if isinstance(feed, EventFeed):
         summary["events"] = {"impressions": feed.impressions, "clicks": feed.clicks}
+        sent = feed.impressions + feed.clicks
+        summary["feed"] = {
+            "behind_s_max": round(feed.behind_s, 3),
+            "cpu_us_per_event": round(feed.cpu_s / sent * 1e6, 2) if sent else None,
+        }
         summary["joiner"] = _joiner_counters(procs.log_dir / "join.log")
     meta = {
         "job": job,
@@ -541,7 +575,7 @@ def _start_feed(
     settings: DemoSettings, bootstrap: str, prefix: str, dataset: Any, total: int
 ) -> tuple[Feed, float | None]:
     """The data feed (not started) and the best AUC a model can reach on it, if known."""
-    from pipeline.ingest.generator import TrafficConfig, TrafficGenerator, exact_auc
+    from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
 
     rows = max(50, min(2000, int(settings.rate / 4)))  # about 4 messages a second
     if dataset is not None:
@@ -567,16 +601,8 @@ def _start_feed(
             mean_click_delay_ms=max(1, window_ms // 5),
         )
     )
-    log = gen.events(total)
-    feed = EventFeed(
-        bootstrap,
-        f"{prefix}events.impressions",
-        f"{prefix}events.clicks",
-        log.impressions,
-        log.clicks,
-        start_ms=now,
-    )
-    return feed, exact_auc(log.labels(), log.true_p)
+    feed = EventFeed(bootstrap, f"{prefix}events.impressions", f"{prefix}events.clicks", gen, total)
+    return feed, None  # the feed knows the Bayes AUC of what it produced once it is done
 
 
 def _window_auc(sink: Any) -> float | None:

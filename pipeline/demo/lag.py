@@ -48,6 +48,13 @@ class GroupLag:
 
     def messages(self) -> int | None:
         """The group's lag in messages now, or None when the broker did not answer."""
+        measured = self.measure()
+        return None if measured is None else measured[0]
+
+    def measure(self) -> tuple[int, int] | None:
+        """(lag, end offsets summed over the partitions) now, or None when the broker did
+        not answer. The end offsets count the messages written so far, so two readings
+        give the topics' message rate, and lag / rate is the lag in seconds of traffic."""
         from confluent_kafka import KafkaException
 
         try:
@@ -55,12 +62,13 @@ class GroupLag:
             if not parts:
                 return None
             committed = self._consumer.committed(parts, timeout=self.timeout_s)
-            total = 0
+            total = ends = 0
             for tp in committed:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
                 done = tp.offset if tp.offset >= 0 else low
                 total += max(0, high - done)
-            return total
+                ends += high
+            return total, ends
         except KafkaException:
             return None
 

@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessSet"]
+__all__ = ["ProcessSet", "Usage", "group_usage"]
 
 
 class ProcessSet:
@@ -54,6 +55,11 @@ class ProcessSet:
         pids = {name: p.pid for name, p in self.procs.items()}
         self.pid_file.write_text(json.dumps(pids, indent=2))
 
+    def usage(self, single: dict[str, int] | None = None) -> dict[str, Usage]:
+        """RSS and CPU time of every running role's process group (plus ``single`` pids)."""
+        running = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+        return group_usage(running, single)
+
     def dead(self) -> list[str]:
         """Roles that exited although nobody asked them to."""
         return [name for name, p in self.procs.items() if p.poll() is not None]
@@ -86,3 +92,44 @@ class ProcessSet:
     def stop_all(self, timeout: float = 20.0) -> None:
         """Stop every role still running (the failure path)."""
         self.stop(list(self.procs), timeout)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resident memory and CPU time used so far by a process group (or one process)."""
+
+    rss_mb: float
+    cpu_s: float
+
+
+def group_usage(groups: dict[str, int], single: dict[str, int] | None = None) -> dict[str, Usage]:
+    """Usage of each named process group (by pgid; every role runs in its own session,
+    so the group is the role and whatever it forked) and of each ``single`` process
+    (by pid), from ``/proc/<pid>/stat``. Names whose processes are all gone are absent.
+    Linux only; elsewhere the result is empty.
+    """
+    by_group = {pgid: name for name, pgid in groups.items()}
+    by_pid = {pid: name for name, pid in (single or {}).items()}
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    rss: dict[str, int] = {}
+    cpu: dict[str, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # after "pid (comm) ": state ppid pgrp ... utime stime (fields 14, 15) ... rss (24)
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        name = by_pid.get(int(entry)) or by_group.get(int(fields[2]))
+        if name is None:
+            continue
+        rss[name] = rss.get(name, 0) + int(fields[21]) * page
+        cpu[name] = cpu.get(name, 0) + int(fields[11]) + int(fields[12])
+    return {n: Usage(round(rss[n] / 2**20, 1), cpu[n] / tick) for n in rss}

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Tick", "Timeline", "format_tick", "summarize", "write_report"]
+from pipeline.demo.procs import Usage
+
+__all__ = [
+    "Tick",
+    "Timeline",
+    "format_tick",
+    "group_lags",
+    "resources",
+    "summarize",
+    "write_report",
+]
 
 BASELINE_AUC = 0.5  # any constant prediction (e.g. the running CTR) ranks nothing
 
@@ -36,6 +47,8 @@ class Tick:
     lag: int | None = None  # messages the trainer group has not committed
     join_lag: int | None = None  # event messages the joiner has not committed
     window_auc: float | None = None  # global AUC of the last closed metrics window
+    samples_end: int | None = None  # end offsets of ``samples`` (messages written so far)
+    events_end: int | None = None  # end offsets of the event topics (events the broker has)
 
 
 @dataclass
@@ -43,9 +56,20 @@ class Timeline:
     """Ticks in order, plus facts known once (Bayes AUC, versions, snapshots)."""
 
     ticks: list[Tick] = field(default_factory=list)
+    # per tick: {"t": seconds, role: {"rss_mb": resident MB, "cpu_s": CPU seconds so far}}
+    usage: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, tick: Tick) -> None:
         self.ticks.append(tick)
+
+    def add_usage(self, t: float, usage: Mapping[str, Usage]) -> None:
+        """Resource use of every role at ``t`` (values with ``rss_mb`` and ``cpu_s``)."""
+        self.usage.append(
+            {
+                "t": t,
+                **{n: {"rss_mb": u.rss_mb, "cpu_s": round(u.cpu_s, 2)} for n, u in usage.items()},
+            }
+        )
 
 
 def _finite(x: float | None) -> float | None:
@@ -103,6 +127,40 @@ def summarize(
     }
 
 
+def resources(timeline: Timeline, start_t: float, end_t: float) -> dict[str, Any]:
+    """Each role's RSS (MB) at ``start_t`` and ``end_t`` (the nearest samples at or after
+    and at or before), its peak, and its mean CPU use (cores) between the two."""
+    samples = timeline.usage
+    first = next((u for u in samples if u["t"] >= start_t), None)
+    last = next((u for u in reversed(samples) if u["t"] <= end_t), None)
+    if first is None or last is None or last["t"] <= first["t"]:
+        return {}
+    span = last["t"] - first["t"]
+    out: dict[str, Any] = {}
+    for role in (k for k in last if k != "t"):
+        if role not in first:
+            continue
+        peak = max(u[role]["rss_mb"] for u in samples if role in u)
+        out[role] = {
+            "rss_start_mb": first[role]["rss_mb"],
+            "rss_end_mb": last[role]["rss_mb"],
+            "rss_peak_mb": peak,
+            "cpu_cores": round((last[role]["cpu_s"] - first[role]["cpu_s"]) / span, 3),
+        }
+    return out
+
+
+def group_lags(timeline: Timeline, end_t: float) -> dict[str, dict[str, int | None]]:
+    """Each consumer group's lag (messages) at the last tick up to ``end_t`` and its max."""
+    ticks = [t for t in timeline.ticks if t.t <= end_t]
+    out: dict[str, dict[str, int | None]] = {}
+    for group, get in (("train", lambda t: t.lag), ("join", lambda t: t.join_lag)):
+        values = [get(t) for t in ticks if get(t) is not None]
+        if values:
+            out[group] = {"end": values[-1], "max": max(values)}
+    return out
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     """The summary as a few human lines."""
 
@@ -123,8 +181,26 @@ def summary_text(summary: dict[str, Any]) -> str:
             f"versions          {num('versions_published', '{}')} published",
             f"last snapshot     {summary['last_snapshot'] or '-'}",
             *_joiner_lines(summary),
+            *_resource_lines(summary),
         ]
     )
+
+
+def _resource_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    lags = summary.get("lags") or {}
+    if lags:
+        text = ", ".join(f"{g} {v['end']} (max {v['max']})" for g, v in lags.items())
+        lines.append(f"lag at data end   {text} messages")
+    roles = summary.get("resources") or {}
+    if roles:
+        rss = ", ".join(
+            f"{r} {v['rss_start_mb']:.0f}->{v['rss_end_mb']:.0f}" for r, v in roles.items()
+        )
+        lines.append(f"RSS MB start->end {rss}")
+        cpu = ", ".join(f"{r} {v['cpu_cores']:.2f}" for r, v in roles.items())
+        lines.append(f"CPU cores         {cpu}")
+    return lines
 
 
 def _joiner_lines(summary: dict[str, Any]) -> list[str]:
@@ -179,6 +255,7 @@ def write_report(
             {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(t).items()}
             for t in ticks
         ],
+        "usage": timeline.usage,
     }
     out = directory / "report.json"
     out.write_text(json.dumps(report, indent=2))
