@@ -27,10 +27,13 @@ def splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
     uint64 array arithmetic wraps modulo 2**64 in numpy, which is what we want.
     """
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    z = (z ^ (z >> _S30)) * _MUL1
-    z = (z ^ (z >> _S27)) * _MUL2
-    return z ^ (z >> _S31)
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN  # a new array: the rest works in place
+    z ^= z >> _S30
+    z *= _MUL1
+    z ^= z >> _S27
+    z *= _MUL2
+    z ^= z >> _S31
+    return z
 
 
 def _key(ids: npt.NDArray[np.uint64], seed: int) -> npt.NDArray[np.uint64]:

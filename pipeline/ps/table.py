@@ -90,7 +90,7 @@ def _floats(name: str, values: Any, shape: tuple[int, ...]) -> F32:
             RejectReason.LENGTH_MISMATCH, f"{name} has {arr.shape[0]} rows for {shape[0]} ids"
         )
     with np.errstate(over="ignore"):  # overflow to inf is caught just below
-        out = arr.astype(np.float32)
+        out = arr.astype(np.float32, copy=False)  # never written to: no copy needed
     if not np.isfinite(out).all():
         raise PushRejected(RejectReason.NON_FINITE, f"{name} has NaN/inf (after float32 cast)")
     return out
