@@ -83,7 +83,6 @@ class DemoSettings:
     progress_s: float = 2.0
     publish_interval_s: float = 2.0
     snapshot_interval_s: float = 30.0
-    batch_rows: int = 256
     seed: int = 0
 
     def check(self) -> None:
@@ -314,8 +313,6 @@ def _run(
             job,
             "--trainer-id",
             f"t{n}",
-            "--batch-rows",
-            str(settings.batch_rows),
             *kafka,
             *red,
             threads=trainer_threads,
