@@ -1,8 +1,9 @@
 """confluent-kafka clients built from :class:`~pipeline.config.KafkaSettings`.
 
 Every role gets its producers and consumers here, so security settings and the
-local-profile timeouts are applied in one place. Extra keyword settings are
-passed through unchanged (any librdkafka property).
+local-profile timeouts are applied in one place. Precedence, lowest first: the
+roles' tuning below, the user's settings (``KafkaSettings.client_config``: security
+and the ``PIPELINE_KAFKA_EXTRA`` pass-through), the caller's keyword settings.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ def producer(settings: KafkaSettings, **extra: Any) -> Any:
     from confluent_kafka import Producer
 
     conf = {
-        **settings.client_config(),
         "linger.ms": 5,
         "compression.type": "lz4",
         "enable.idempotence": True,
         "message.max.bytes": 16 * 1024 * 1024,
+        **settings.client_config(),
         **extra,
     }
     return Producer(conf)
@@ -34,7 +35,6 @@ def consumer(settings: KafkaSettings, group_id: str, **extra: Any) -> Any:
     from confluent_kafka import Consumer
 
     conf = {
-        **settings.client_config(),
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -42,6 +42,7 @@ def consumer(settings: KafkaSettings, group_id: str, **extra: Any) -> Any:
         "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 4),
         "fetch.max.bytes": 64 * 1024 * 1024,
         "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        **settings.client_config(),
         **extra,
     }
     return Consumer(conf)
@@ -51,4 +52,4 @@ def admin(settings: KafkaSettings, **extra: Any) -> Any:
     """An AdminClient (quiet: errors surface as exceptions, not log lines)."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({**settings.client_config(), "log_level": 0, **extra})
+    return AdminClient({"log_level": 0, **settings.client_config(), **extra})

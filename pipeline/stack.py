@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.config import StackSettings
 from pipeline.errors import PipelineError
+from pipeline.redact import mask_url
 
 __all__ = [
     "EmbeddedStack",
@@ -159,20 +160,31 @@ def _wait(
     raise StackError(f"{what} did not answer within {timeout:g} s")
 
 
-def broker_answers(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True when a Kafka-protocol broker at ``bootstrap`` returns metadata."""
+def broker_answers(bootstrap: str, timeout: float = 2.0, external: bool = False) -> bool:
+    """True when a Kafka-protocol broker at ``bootstrap`` returns metadata.
+
+    ``external``: a broker of the user's, reached with the roles' security settings
+    (``PIPELINE_KAFKA_*``); the embedded one is plain loopback.
+    """
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    admin.list_topics(timeout=timeout)
+    from pipeline.config import KafkaSettings, load
+
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0}
+    if external:
+        conf = {**load(KafkaSettings, bootstrap=bootstrap).client_config(), "log_level": 0}
+    AdminClient(conf).list_topics(timeout=timeout)
     return True
 
 
-def redis_answers(url: str, timeout: float = 2.0) -> bool:
-    """True when Redis at ``url`` answers PING."""
-    import redis
+def redis_answers(url: str, timeout: float = 2.0, external: bool = False) -> bool:
+    """True when Redis at ``url`` answers PING (``external``: with ``PIPELINE_REDIS_*``
+    credentials and TLS, as the roles connect)."""
+    from pipeline.config import RedisSettings, load
+    from pipeline.ps.frontclient import connect
 
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    settings = load(RedisSettings, url=url) if external else RedisSettings.model_construct(url=url)
+    client = connect(settings, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         return bool(client.ping())
     finally:
@@ -278,7 +290,7 @@ class EmbeddedStack:
         if s.bootstrap:
             _wait(
                 f"Kafka at {s.bootstrap}",
-                lambda: broker_answers(s.bootstrap or ""),
+                lambda: broker_answers(s.bootstrap or "", external=True),
                 s.start_timeout_s,
                 None,
                 None,
@@ -311,8 +323,8 @@ class EmbeddedStack:
         s = self.settings
         if s.redis_url:
             _wait(
-                f"Redis at {s.redis_url}",
-                lambda: redis_answers(s.redis_url or ""),
+                f"Redis at {mask_url(s.redis_url)}",
+                lambda: redis_answers(s.redis_url or "", external=True),
                 s.start_timeout_s,
                 None,
                 None,
@@ -384,7 +396,7 @@ class EmbeddedStack:
             answering = False
             if alive:
                 with contextlib.suppress(Exception):
-                    answering = check(svc.address, 1.0)
+                    answering = check(svc.address, 1.0, svc.pid is None)  # external
             rows.append(
                 {
                     "name": svc.name,

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import click
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from pipeline.config import ALL_SETTINGS, env_var, load
 from pipeline.joiner.settings import JoinerSettings
+from pipeline.publish.settings import ServeSettings
+from pipeline.redact import mask_mapping, mask_url
 from pipeline.train.settings import TrainerSettings
 
 # Role settings that live next to their role (config.py stays at the bottom layer).
-SETTINGS: tuple[type[BaseSettings], ...] = (*ALL_SETTINGS, JoinerSettings, TrainerSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    *ALL_SETTINGS,
+    JoinerSettings,
+    TrainerSettings,
+    ServeSettings,
+)
 
 __all__ = ["config"]
 
@@ -22,18 +32,30 @@ def config() -> None:
 
 @config.command("show")
 def show() -> None:
-    """Print the settings in effect (secrets masked)."""
+    """Print the settings in effect (secrets masked, passwords in URLs too)."""
     for cls in SETTINGS:
         click.echo(f"[{cls.__name__}]")
         for name, value in load(cls).model_dump().items():
-            click.echo(f"  {env_var(cls, name)}={value}")
+            click.echo(f"  {env_var(cls, name)}={_printable(value)}")
+
+
+def _printable(value: object) -> object:
+    """``value`` as ``config show`` may print it: no password, in any form."""
+    if isinstance(value, SecretStr):
+        return str(value)  # '**********'
+    if isinstance(value, dict):
+        return mask_mapping(value)
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
 
 
 def _markdown(cls: type[BaseSettings]) -> list[str]:
-    lines = [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), ""]
+    lines = [f"## {cls.__name__}", "", inspect.cleandoc(cls.__doc__ or ""), ""]
     lines += ["| env var | default | meaning |", "| --- | --- | --- |"]
     for name, field in cls.model_fields.items():
-        default = "" if field.default is None else f"`{field.default}`"
+        value = field.get_default(call_default_factory=True)
+        default = "" if value is None or value == {} else f"`{value}`"
         lines.append(f"| `{env_var(cls, name)}` | {default} | {field.description or ''} |")
     return [*lines, ""]
 

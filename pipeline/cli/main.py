@@ -2,7 +2,8 @@
 
 Every subcommand is a thin layer over a library call. A
 :class:`~pipeline.errors.PipelineError` becomes ``error: <message>`` on stderr
-and exit code 1; usage errors exit 2 (click's convention).
+and exit code 1, and so does a Redis or Kafka connection or authentication
+failure (:mod:`pipeline.cli.failures`); usage errors exit 2 (click's convention).
 """
 
 from __future__ import annotations
@@ -14,19 +15,32 @@ import click
 
 from pipeline import __version__
 from pipeline import threads as thread_budget
+from pipeline.cli.failures import describe
 from pipeline.errors import PipelineError
+from pipeline.redact import mask_urls_in
 
 __all__ = ["cli", "main"]
 
 
+log = logging.getLogger(__name__)
+
+
 class _Group(click.Group):
-    """A group that turns PipelineError into one clear line and a non-zero exit."""
+    """A group that turns PipelineError, and Redis or Kafka failures the user can fix,
+    into one clear line and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {mask_urls_in(str(exc))}", err=True)
+            ctx.exit(1)
+        except Exception as exc:
+            message = describe(exc)
+            if message is None:
+                raise
+            log.debug("%s", message, exc_info=True)  # the traceback, at --log-level DEBUG
+            click.echo(f"error: {message}", err=True)
             ctx.exit(1)
 
 

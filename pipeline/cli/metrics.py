@@ -45,7 +45,7 @@ def metrics() -> None:
 def show(job: str, n_windows: int, as_json: bool, redis_url: str | None) -> None:
     """Global metrics (all trainers' cumulative counts merged) and per-trainer rows."""
     settings = load(RedisSettings, url=redis_url)
-    report = show_report(connect(settings), job, n_windows, settings.url)
+    report = show_report(connect(settings), job, n_windows, settings.masked_url())
     if as_json:
         click.echo(json.dumps(report, sort_keys=False))
     else:

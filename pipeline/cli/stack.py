@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
 from pipeline.cli.options import prefix_option, state_dir_option
-from pipeline.config import StackSettings, TopicsSettings, load
+from pipeline.config import KafkaSettings, StackSettings, TopicsSettings, load
+from pipeline.redact import mask_url
 from pipeline.stack import EmbeddedStack
 from pipeline.topics import apply_topics, load_topic_specs
 
@@ -67,8 +69,12 @@ def up(
         actions = []
         if with_topics:
             topics = load(TopicsSettings, prefix=prefix)
+            kafka = services["kafka"]
+            conf: dict[str, Any] = {"bootstrap.servers": kafka.address, "log_level": 0}
+            if kafka.pid is None:  # an external broker: the roles' security settings
+                conf = {**load(KafkaSettings, bootstrap=kafka.address).client_config(), **conf}
             actions = apply_topics(
-                {"bootstrap.servers": services["kafka"].address, "log_level": 0},
+                conf,
                 load_topic_specs(topics.dir),
                 prefix=topics.prefix,
             )
@@ -77,14 +83,14 @@ def up(
         raise
     for svc in services.values():
         origin = f"pid {svc.pid}" if svc.pid else "external"
-        click.echo(f"{svc.name:6} {svc.address}  ({origin})")
+        click.echo(f"{svc.name:6} {mask_url(svc.address)}  ({origin})")
     for action in actions:
         click.echo(
             f"topic  {action.topic}: {action.action}" + "".join(f"; {d}" for d in action.details)
         )
     click.echo(f"up in {time.monotonic() - started_at:.1f} s; state in {stack.state_dir}")
     click.echo(f"export PIPELINE_KAFKA_BOOTSTRAP={services['kafka'].address}")
-    click.echo(f"export PIPELINE_REDIS_URL={services['redis'].address}")
+    click.echo(f"export PIPELINE_REDIS_URL={mask_url(services['redis'].address)}")
 
 
 @click.command()
@@ -106,6 +112,6 @@ def status(state_dir: str | None) -> None:
     for row in rows:
         state = "answering" if row["answering"] else ("running" if row["running"] else "DEAD")
         pid = row["pid"] if row["pid"] else "external"
-        click.echo(f"{row['name']:6} {row['address']:28} pid={pid!s:8} {state}")
+        click.echo(f"{row['name']:6} {mask_url(row['address']):28} pid={pid!s:8} {state}")
     if not all(row["answering"] for row in rows):
         raise SystemExit(1)

@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 @click.option("--device", default=None, help="auto, cpu or cuda")
 @click.option("--tables", default=None, help="Table catalog YAML")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0 = any)")
+@click.option(
+    "--metrics-host",
+    default=None,
+    help="Address of the Prometheus exporter [env PIPELINE_TRAIN_METRICS_HOST; default "
+    "127.0.0.1; 0.0.0.0 for a scraper elsewhere]",
+)
 @click.option("--max-rows", type=int, default=None, help="Stop after this many samples")
 @click.option(
     "--idle-exit", type=float, default=None, help="Stop when no sample arrived for this long (s)"

@@ -268,20 +268,21 @@ def _run(
     job: str,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    import redis
-
+    from pipeline.config import RedisSettings, load
+    from pipeline.ps.frontclient import connect
+    from pipeline.redact import mask_url
     from pipeline.stack import free_port
     from pipeline.topics import apply_topics, load_topic_specs
     from pipeline.train.metrics_sink import RedisMetricsSink
 
     bootstrap, redis_url = services["kafka"].address, services["redis"].address
-    echo(f"broker {bootstrap}, redis {redis_url}, topic prefix {prefix}")
+    echo(f"broker {bootstrap}, redis {mask_url(redis_url)}, topic prefix {prefix}")
     apply_topics(
         {"bootstrap.servers": bootstrap, "log_level": 0}, load_topic_specs(), prefix=prefix
     )
     kafka = ["--bootstrap", bootstrap, "--prefix", prefix]
     red = ["--redis-url", redis_url]
-    client = redis.Redis.from_url(redis_url)
+    client = connect(load(RedisSettings, url=redis_url))  # as the roles it starts connect
     table = f"ps:table:{{{yaml.safe_load(catalog.read_text())['tables'][-1]['name']}}}"
 
     for s in range(settings.shards):

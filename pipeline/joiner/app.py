@@ -10,9 +10,11 @@ once a checkpoint covering them is written, so faust commits offsets no further
 than the checkpoint; a restarted worker skips events its checkpoint already covers.
 
 Limits (``docs/joiner.md``): no scan of earlier output after a crash (samples since
-the last checkpoint may repeat), PLAINTEXT only, and on the embedded broker table
-recovery can miss the newest changelog record (its ListOffsets end offset is too
-low). Use the ``confluent`` engine where restarts must be exact.
+the last checkpoint may repeat), no librdkafka pass-through (TLS and SASL
+PLAIN/SCRAM are mapped onto aiokafka by :mod:`pipeline.joiner.faustauth`), and on
+the embedded broker table recovery can miss the newest changelog record (its
+ListOffsets end offset is too low). Use the ``confluent`` engine where restarts
+must be exact.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
 from pipeline.joiner.engine import JoinEngine, OutRecord
+from pipeline.joiner.faustauth import broker_credentials
 from pipeline.joiner.logic import Counters
 from pipeline.joiner.output import SampleBatcher
 from pipeline.joiner.runner import join_config, topics_for
@@ -85,11 +88,7 @@ def make_app(
     import faust
     from faust.types import TP
 
-    if kafka.security_protocol != "PLAINTEXT":
-        raise PipelineError(
-            "the faust engine is wired for PLAINTEXT only; use --engine confluent with "
-            f"security_protocol={kafka.security_protocol}"
-        )
+    credentials = broker_credentials(kafka)  # refuses what aiokafka cannot honour
     topics = topics_for(settings, prefix)
     (n_imp, _, n_samples, n_dlq), brokers = _counts(
         kafka, [topics.impressions, topics.clicks, topics.samples, topics.dlq]
@@ -105,6 +104,7 @@ def make_app(
     app = faust.App(
         f"{prefix}{settings.app_id}",
         broker=f"kafka://{kafka.bootstrap}",
+        broker_credentials=credentials,
         store="memory://",
         datadir=datadir or tempfile.mkdtemp(prefix="joiner-faust-"),
         processing_guarantee="at_least_once",

@@ -4,9 +4,13 @@
 ``POST /predict`` scores rows with whatever version is live when the request arrives
 (one ``LiveModel`` reference per request, so a response never mixes versions);
 ``GET /health`` says whether a version is loaded; ``GET /metrics`` is Prometheus text
-from a private registry. Standard library HTTP (``ThreadingHTTPServer``), no new
-dependencies: it is the reference for what a production server must compute, not a
-production server. Request format and hashing: :mod:`pipeline.publish.predict`.
+from a private registry. With a ``token``, /predict and /metrics need
+``Authorization: Bearer <token>`` (:mod:`pipeline.httpauth`); /health stays open for
+probes and load balancers (it tells only the model name, version and freshness). A
+request the server cannot use is answered 4xx with a reason, never 500. Standard
+library HTTP (``ThreadingHTTPServer``), no new dependencies: it is the reference for
+what a production server must compute, not a production server. Request format and
+hashing: :mod:`pipeline.publish.predict`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.httpauth import AUTH_HEADER, CHALLENGE, authorized
 from pipeline.publish.predict import RequestError, parse_request, score
 from pipeline.publish.subscriber import LiveModel, Subscriber, VersionEvent
 
@@ -94,6 +99,7 @@ class Server:
         max_rows: int = 10_000,
         max_body_bytes: int = 16 << 20,
         clock_ms: Callable[[], int] | None = None,
+        token: str | None = None,
     ) -> None:
         if max_rows < 1 or max_body_bytes < 1:
             raise ValueError(
@@ -107,6 +113,7 @@ class Server:
         self.max_rows = max_rows
         self.max_body_bytes = max_body_bytes
         self.clock_ms = clock_ms or subscriber.clock_ms
+        self.token = token
         self.metrics = _Metrics(self)
         chained = subscriber.on_version
 
@@ -213,10 +220,14 @@ class Server:
             payload = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             return 400, self._error("bad_json", f"body is not valid JSON: {exc}")
+        except RecursionError:
+            return 400, self._error("bad_json", "body is nested too deeply")
         try:
             batch = parse_request(payload, self.spec, self.max_rows)
         except RequestError as exc:
             return 400, self._error("bad_request", str(exc))
+        except RecursionError:
+            return 400, self._error("bad_request", "request is nested too deeply")
         predictions = score(live, self.spec, batch)
         self.metrics.rows.inc(batch.num_rows)
         self.metrics.latency.observe(time.perf_counter() - t0)
@@ -254,13 +265,16 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             if self.path == "/health":
                 self._json("/health", *server.health())
             elif self.path == "/metrics":
-                self._send("/metrics", 200, server.metrics.render(), _PROM_TYPE)
+                if self._authorized("/metrics"):
+                    self._send("/metrics", 200, server.metrics.render(), _PROM_TYPE)
             else:
                 self._json("other", 404, server._error("not_found", f"no such path {self.path}"))
 
         def do_POST(self) -> None:
             if self.path != "/predict":
                 self._json("other", 404, server._error("not_found", f"no such path {self.path}"))
+                return
+            if not self._authorized("/predict"):
                 return
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
@@ -281,12 +295,36 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                     status, body = 500, server._error("internal", f"internal error: {exc}")
             self._json("/predict", status, body)
 
-        def _json(self, endpoint: str, status: int, body: dict[str, Any]) -> None:
-            self._send(endpoint, status, json.dumps(body).encode(), "application/json")
+        def _authorized(self, endpoint: str) -> bool:
+            """True, or answers 401 (the body of a POST is not read: the connection closes)."""
+            if authorized(self.headers.get(AUTH_HEADER), server.token):
+                return True
+            self.close_connection = True
+            body = server._error("unauthorized", "a valid bearer token is required")
+            self._json(endpoint, 401, body, {"WWW-Authenticate": CHALLENGE, "Connection": "close"})
+            return False
 
-        def _send(self, endpoint: str, status: int, data: bytes, ctype: str) -> None:
+        def _json(
+            self,
+            endpoint: str,
+            status: int,
+            body: dict[str, Any],
+            headers: dict[str, str] | None = None,
+        ) -> None:
+            self._send(endpoint, status, json.dumps(body).encode(), "application/json", headers)
+
+        def _send(
+            self,
+            endpoint: str,
+            status: int,
+            data: bytes,
+            ctype: str,
+            headers: dict[str, str] | None = None,
+        ) -> None:
             server.metrics.requests.labels(endpoint, str(status)).inc()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -255,20 +255,29 @@ class PrometheusExporter:
     """Gauges ``pipeline_train_<metric>{job, trainer, scope}`` in a private registry.
 
     ``port=None`` keeps the registry without a server (:meth:`render` still works);
-    ``port=0`` picks a free port (see :attr:`port` after :meth:`start`).
+    ``port=0`` picks a free port (see :attr:`port` after :meth:`start`). It listens on
+    ``addr`` (loopback unless told otherwise); with ``token``, ``/metrics`` needs
+    ``Authorization: Bearer <token>`` (``/health`` stays open).
     """
 
-    def __init__(self, port: int | None, trainer_id: str, job: str, addr: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        port: int | None,
+        trainer_id: str,
+        job: str,
+        addr: str = "127.0.0.1",
+        token: str | None = None,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Gauge
 
         self.requested_port = port
         self.addr = addr
+        self.token = token
         self.trainer_id = _check_id("trainer_id", trainer_id)
         self.job = _check_id("job", job)
         self.port: int | None = None
         self.registry = CollectorRegistry()
         self._server: Any = None
-        self._thread: Any = None
         self._gauges: dict[str, Any] = {
             key: Gauge(
                 f"pipeline_train_{key}",
@@ -284,17 +293,17 @@ class PrometheusExporter:
         """Serve ``/metrics`` (no-op without a port)."""
         if self.requested_port is None or self._server is not None:
             return self
-        from prometheus_client import start_http_server
+        from pipeline.metricshttp import MetricsHTTPServer
 
         try:
-            self._server, self._thread = start_http_server(
-                self.requested_port, addr=self.addr, registry=self.registry
+            self._server = MetricsHTTPServer(
+                self.addr, self.requested_port, self.render, self.token
             )
         except OSError as exc:
             raise PipelineError(
                 f"cannot serve Prometheus metrics on {self.addr}:{self.requested_port}: {exc}"
             ) from None
-        self.port = int(self._server.server_port)
+        self.port = self._server.port
         return self
 
     def set_summary(self, scope: str, summary: Mapping[str, float]) -> None:
@@ -354,10 +363,8 @@ class PrometheusExporter:
     def close(self) -> None:
         """Stop the HTTP server (if started)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = self._thread = None
+            self._server.close()
+            self._server = None
 
     def __enter__(self) -> PrometheusExporter:
         return self.start()

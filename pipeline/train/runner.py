@@ -137,7 +137,9 @@ class TrainerRole:
         # trainer of an established job starts with large steps)
         trainer.stream_age = lambda: int(sink.global_cumulative()[0].count)
         publisher = MetricsPublisher(producer, self.prefix + s.metrics_topic)
-        exporter = PrometheusExporter(s.metrics_port, trainer_id, s.job)
+        exporter = PrometheusExporter(
+            s.metrics_port, trainer_id, s.job, s.metrics_host, s.metrics_token_value()
+        )
         if s.metrics_port is not None:
             exporter.start()
         started = time.monotonic()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.config import check_exclusive, readable_file, secret_value
+from pipeline.errors import ConfigError
 from pipeline.train.schedule import StepSchedule
 
 __all__ = ["TrainerSettings"]
@@ -75,10 +78,40 @@ class TrainerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus port (0 = any free port, unset = none)"
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the Prometheus exporter listens on (0.0.0.0: every interface, "
+        "for a scraper on another host or container)",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the exporter requires on /metrics (secret; /health stays "
+        "open); unset: no authentication",
+    )
+    metrics_token_file: Path | None = Field(
+        None, description="File holding the exporter's bearer token (instead of METRICS_TOKEN)"
+    )
     samples_topic: str = Field("samples", description="Topic of SampleBatch messages")
     dlq_topic: str = Field("samples.dlq", description="Dead-letter topic")
     metrics_topic: str = Field("metrics", description="Metrics topic")
     seed: int = Field(0, description="Seed of the dense initialization (same on every trainer)")
+
+    @field_validator("metrics_token_file")
+    @classmethod
+    def _token_file(cls, value: Path | None) -> Path | None:
+        return readable_file(value)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TrainerSettings:
+        check_exclusive(self, "metrics_token", "metrics_token_file")
+        return self
+
+    def metrics_token_value(self) -> str | None:
+        """The exporter's bearer token, inline or from :attr:`metrics_token_file`."""
+        value = secret_value(self.metrics_token, self.metrics_token_file)
+        if value is not None and not value.strip():
+            raise ConfigError("the metrics token is empty (PIPELINE_TRAIN_METRICS_TOKEN[_FILE])")
+        return value
 
     def schedule(self) -> StepSchedule:
         """The step schedule of :attr:`mode`: growing in async mode, fixed otherwise."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,26 @@ def test_invalid_command_is_detected() -> None:
         _parse(["no-such-role"])
 
 
+def _redis_argv(compose: dict[str, Any]) -> list[str]:
+    """redis-server's arguments: the command is `sh -c "exec docker-entrypoint.sh
+    redis-server ..."` (the password comes from a secret file)."""
+    command = [str(c) for c in compose["services"]["redis"]["command"]]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3, command
+    argv = shlex.split(command[2])
+    assert argv[:3] == ["exec", "docker-entrypoint.sh", "redis-server"], argv
+    return argv[3:]
+
+
+def _published(svc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host ip, host port, container port) of each published port."""
+    out = []
+    for port in svc.get("ports", []):
+        parts = str(port).split(":")
+        assert len(parts) == 3, f"{port}: publish as HOST_IP:HOST_PORT:CONTAINER_PORT"
+        out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
 def test_hosts_ports_and_env_agree(compose: dict[str, Any]) -> None:
     services = compose["services"]
     kafka_env = services["kafka"]["environment"]
@@ -74,11 +95,11 @@ def test_hosts_ports_and_env_agree(compose: dict[str, Any]) -> None:
         item.split("://", 1) for item in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     )
     internal = advertised[kafka_env["KAFKA_INTER_BROKER_LISTENER_NAME"]]
-    redis_port = services["redis"]["command"][services["redis"]["command"].index("--port") + 1]
+    redis_port = option(_redis_argv(compose), "--port")
     published: list[str] = []
     for name, svc in services.items():
-        for port in svc.get("ports", []):
-            published.append(str(port).split(":")[0])
+        for _, host_port, _ in _published(svc):
+            published.append(host_port)
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
         env = svc.get("environment", {})
@@ -172,11 +193,12 @@ def test_healthchecks_probe_what_each_role_owns(compose: dict[str, Any]) -> None
         assert float(option(svc["command"], "--interval")) < 600, name
     for name, svc in roles["train"].items():
         port = option([str(c) for c in svc["command"]], "--metrics-port")
-        assert f"127.0.0.1:{port}/metrics" in _probe(svc), name
+        # /health: open even when PIPELINE_TRAIN_METRICS_TOKEN guards /metrics
+        assert f"127.0.0.1:{port}/health" in _probe(svc), name
     for name, svc in roles["serve"].items():
         port = option([str(c) for c in svc["command"]], "--port")
         assert f"127.0.0.1:{port}/health" in _probe(svc), name
-        assert f"{port}:{port}" in [str(p) for p in svc.get("ports", [])], f"{name}: port"
+        assert port in [container for _, _, container in _published(svc)], f"{name}: port"
 
 
 def test_named_volumes_are_declared_and_mounted(compose: dict[str, Any]) -> None:
@@ -229,3 +251,61 @@ def test_every_role_has_a_thread_budget_matching_its_cpu_limit(compose: dict[str
         assert threads is not None, f"{name}: no PIPELINE_THREADS"
         assert "cpus" in svc, f"{name}: no cpus limit"
         assert int(threads) == max(1, math.ceil(float(svc["cpus"]))), name
+
+
+# -- safe by default (docs/security.md) ---------------------------------------------------
+SECRETS_DIR = "/run/secrets/"
+
+
+def test_published_ports_bind_the_host_loopback_only(compose: dict[str, Any]) -> None:
+    published = {n: _published(s) for n, s in compose["services"].items() if s.get("ports")}
+    assert {"kafka", "redis", "serve"} <= set(published)
+    for name, ports in published.items():
+        for host_ip, host_port, _ in ports:
+            assert host_ip == "127.0.0.1", f"{name}: {host_port} published on {host_ip}"
+
+
+def test_redis_requires_the_password_from_a_secret(compose: dict[str, Any]) -> None:
+    declared = compose.get("secrets") or {}
+    argv = _redis_argv(compose)
+    password = option(argv, "--requirepass")
+    match = re.fullmatch(r"\$\$\(cat (/run/secrets/(\w+))\)", password)
+    assert match, f"--requirepass must read a secret file, got {password!r}"
+    path, secret = match.group(1), match.group(2)
+    assert secret in declared and "file" in declared[secret], f"secret {secret} not declared"
+    assert secret in compose["services"]["redis"]["secrets"]
+    # the file is not in git: a password never lands in the repository
+    source = str(declared[secret]["file"]).removeprefix("./")
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert any(source.startswith(rule.strip("/")) for rule in ignored), f"{source} not ignored"
+    # the healthcheck authenticates with the same file
+    probe = compose["services"]["redis"]["healthcheck"]["test"]
+    assert probe[0] == "CMD-SHELL" and f'REDISCLI_AUTH="$$(cat {path})"' in probe[1]
+    assert "grep -q PONG" in probe[1], "redis-cli exits 0 on NOAUTH: check the answer"
+    # every role reads the password from the same secret file
+    for name, svc in _project_services(compose).items():
+        env = svc.get("environment", {})
+        assert env.get("PIPELINE_REDIS_PASSWORD_FILE") == path, name
+        assert secret in svc.get("secrets", []), f"{name}: secret {secret} not mounted"
+
+
+def test_no_secret_inline_in_the_environment(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            if re.search(r"PASSWORD|TOKEN|SECRET", key) and not key.endswith("_FILE"):
+                pytest.fail(f"{name}: {key} inline; use a secret file ({key}_FILE)")
+            if "://" in str(value):
+                assert "@" not in str(value), f"{name}: {key} carries credentials"
+
+
+def test_listeners_for_the_network_bind_all_interfaces_explicitly(
+    compose: dict[str, Any],
+) -> None:
+    """Roles bind 127.0.0.1 by default: what other containers reach must say 0.0.0.0."""
+    roles = _by_role(compose)
+    for name, svc in roles["serve"].items():
+        assert option([str(c) for c in svc["command"]], "--host") == "0.0.0.0", name
+    for name, svc in roles["train"].items():
+        command = [str(c) for c in svc["command"]]
+        if "--metrics-port" in command:
+            assert option(command, "--metrics-host") == "0.0.0.0", name

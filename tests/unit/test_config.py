@@ -42,6 +42,7 @@ def test_allowed_values_are_named() -> None:
 
 
 def test_secrets_are_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")  # credentials need SASL
     monkeypatch.setenv("PIPELINE_KAFKA_SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("PIPELINE_REDIS_PASSWORD", "swordfish")
     kafka, redis = load(KafkaSettings), load(RedisSettings)

@@ -304,3 +304,50 @@ def test_every_container_takes_its_thread_budget_from_its_cpu_limit(docs: list[D
             ref = env.get("PIPELINE_THREADS", {}).get("valueFrom", {}).get("resourceFieldRef")
             assert ref == {"resource": "limits.cpu", "divisor": "1"}, doc["metadata"]["name"]
             assert "cpu" in container["resources"].get("limits", {}), doc["metadata"]["name"]
+
+
+# -- safe by default (docs/security.md) ---------------------------------------------------
+# the option that sets each role's listen address (roles bind 127.0.0.1 unless told)
+HOST_OPTIONS = {"serve": "--host", "train": "--metrics-host"}
+
+
+def test_containers_with_ports_listen_on_the_pod_ip(docs: list[Doc]) -> None:
+    """A role that binds loopback is unreachable by probes and Services: every container
+    that declares a port says --host/--metrics-host 0.0.0.0 explicitly."""
+    seen = set()
+    for doc in docs:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for container in _containers(doc):
+            if not container.get("ports"):
+                continue
+            argv = _argv(doc, container, {"HOSTNAME": "x-0"})
+            flag = HOST_OPTIONS.get(argv[0])
+            assert flag is not None, f"{doc['metadata']['name']}: a port, but no known listener"
+            assert option(argv, flag) == "0.0.0.0", f"{doc['metadata']['name']}: {flag}"
+            seen.add(argv[0])
+    assert seen == set(HOST_OPTIONS)
+
+
+def test_http_probes_use_the_open_health_endpoint(docs: list[Doc]) -> None:
+    """/predict and /metrics may need a bearer token; kubelet probes carry none."""
+    for doc in docs:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for container in _containers(doc):
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = container.get(kind, {}).get("httpGet")
+                if probe is not None:
+                    assert probe["path"] == "/health", f"{doc['metadata']['name']} {kind}"
+
+
+def test_credentials_live_in_the_secret_not_the_configmap(docs: list[Doc]) -> None:
+    secret_like = re.compile(r"PASSWORD|TOKEN|SECRET")
+    for name, doc in _named(docs, "ConfigMap").items():
+        for key, value in (doc.get("data") or {}).items():
+            assert not secret_like.search(key) or key.endswith("_FILE"), f"{name}: {key}"
+            if "://" in str(value) and key.startswith("PIPELINE_"):
+                assert "@" not in str(value), f"{name}: {key} carries credentials"
+    for _, container in _workloads_running(docs, "serve"):
+        env = {e["name"]: e.get("valueFrom", {}) for e in container.get("env", [])}
+        assert "secretKeyRef" in env.get("PIPELINE_SERVE_TOKEN", {}), "serve without a token"
