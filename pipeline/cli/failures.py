@@ -54,5 +54,13 @@ def _kafka(exc: BaseException) -> str | None:
     if not isinstance(exc, KafkaException):
         return None
     error = exc.args[0] if exc.args else None
-    detail = error.str() if isinstance(error, KafkaError) else str(exc)
-    return f"Kafka: {detail}; {_KAFKA_HINT}"
+    if not isinstance(error, KafkaError):
+        return f"Kafka: {exc}"
+    reach = {
+        KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+        KafkaError._RESOLVE, KafkaError._AUTHENTICATION, KafkaError._SSL,
+        KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }  # fmt: skip
+    hint = f"; {_KAFKA_HINT}" if error.code() in reach else ""
+    return f"Kafka: {error.str()}{hint}"
