@@ -133,6 +133,7 @@ class TrainerRole:
 
             restore_trainer(trainer, load_snapshot(resume))
         sink = RedisMetricsSink(client, s.job)
+        _resume_metrics(sink, trainer_id, metrics)
         # the step schedule's age: rows the whole job trained (a restarted or added
         # trainer of an established job starts with large steps)
         trainer.stream_age = lambda: int(sink.global_cumulative()[0].count)
@@ -218,6 +219,31 @@ class TrainerRole:
                 progress_line(metrics.cumulative.summary(), {"trainer": trainer_id}), file=progress
             )
         return result
+
+
+def _resume_metrics(sink: RedisMetricsSink, trainer_id: str, metrics: WindowedMetrics) -> None:
+    """A restarted trainer (same id, same job) continues its cumulative counts.
+
+    Publishing overwrites the trainer's entry, so starting from zero would drop
+    everything it trained before the restart from ``pipeline metrics show``.
+    """
+    try:
+        previous = sink.load(trainer_id)
+    except PipelineError as exc:
+        log.warning("starting new cumulative metrics: %s", exc)
+        return
+    if previous is None:
+        return
+    if previous.buckets != metrics.buckets:
+        log.warning(
+            "starting new cumulative metrics: the stored ones of %s use %d buckets, not %d",
+            trainer_id,
+            previous.buckets,
+            metrics.buckets,
+        )
+        return
+    metrics.cumulative.merge(previous)
+    log.info("%s resumes its cumulative metrics at %d samples", trainer_id, int(previous.count))
 
 
 def _metric_name(name: str) -> str:

@@ -257,9 +257,13 @@ class Trainer:
         self._step = 0
         self._started = False
         self._stop = threading.Event()
-        self._drain = threading.Event()
         self._holding = False  # the source is held for a snapshot cut
-        self._drained = threading.Event()
+        # drain requests (revocation hooks, other threads) against drains done by the
+        # loop; once the loop has ended (``_exited``) nothing is left to drain
+        self._drain_cond = threading.Condition()
+        self._drains_asked = 0
+        self._drains_done = 0
+        self._exited = False
         self.on_window: Callable[[Any], None] | None = None
         #: takes part in snapshots between passes (pipeline.snapshot.participant)
         self.participant: Any = None
@@ -270,13 +274,29 @@ class Trainer:
         self._stop.set()
 
     def request_drain(self, timeout_s: float = 120.0) -> None:
-        """Rebalance hook (QueueDataset on_revoke): block until all taken batches are committed."""
-        self._drained.clear()
-        self._drain.set()
-        if not self._drained.wait(timeout_s):
+        """Rebalance hook (QueueDataset on_revoke): block until all taken batches are committed.
+
+        The loop drains between passes. When it has ended (a stop, an error) or ends
+        meanwhile, its last flush committed everything it trained, so this returns
+        then instead of waiting for a loop that will never drain again.
+        """
+        with self._drain_cond:
+            if self._exited:
+                return
+            self._drains_asked += 1
+            ticket = self._drains_asked
+            done = self._drain_cond.wait_for(
+                lambda: self._exited or self._drains_done >= ticket, timeout_s
+            )
+        if not done:
             log.error(
                 "trainer did not drain within %.0f s before partitions were revoked", timeout_s
             )
+
+    @property
+    def _drain_wanted(self) -> bool:
+        with self._drain_cond:
+            return self._drains_done < self._drains_asked
 
     # -- the loop ----------------------------------------------------------
     def start(self, first: TrainBatch | None = None) -> None:
@@ -308,11 +328,29 @@ class Trainer:
     ) -> TrainResult:
         """Train until the source ends (IterSource), ``stop()``, ``max_rows``, or idleness."""
         t0 = time.perf_counter()
+        with self._drain_cond:
+            self._exited = False
+        try:
+            return self._run(source, max_rows, idle_timeout_s, poll_s, on_progress, t0)
+        finally:
+            with self._drain_cond:  # a revocation waiting on us returns now
+                self._exited = True
+                self._drain_cond.notify_all()
+
+    def _run(
+        self,
+        source: BatchSource,
+        max_rows: int | None,
+        idle_timeout_s: float | None,
+        poll_s: float,
+        on_progress: Callable[[Trainer], None] | None,
+        t0: float,
+    ) -> TrainResult:
         idle_since = time.monotonic()
         current: _Pass | None = None
         while True:
             if current is None:
-                if self._drain.is_set():
+                if self._drain_wanted:
                     self._finish_drain(source)
                 if self._finished(source, idle_since, idle_timeout_s):
                     break
@@ -322,6 +360,8 @@ class Trainer:
                 self._follow_schedule(source)
                 current = self._assemble(source, poll_s)
                 if current is None:
+                    # idle: commit the passes applied meanwhile, so lag reaches 0
+                    self._poll_commits()
                     if on_progress is not None:
                         on_progress(self)  # idle ticks too: metrics sinks stay current
                     continue
@@ -333,7 +373,7 @@ class Trainer:
             upcoming = None
             cut = self._hold_for_cut(source)
             self._follow_schedule(source)
-            if self.prefetch and not self._stop.is_set() and not self._drain.is_set() and not cut:
+            if self.prefetch and not self._stop.is_set() and not self._drain_wanted and not cut:
                 upcoming = self._assemble(source, 0.0)
                 if upcoming is not None:
                     self._prefetch(upcoming)
@@ -629,13 +669,16 @@ class Trainer:
 
     def _finish_drain(self, source: BatchSource) -> None:
         """Train what is still handed out (rest of started messages), push, apply, commit."""
+        with self._drain_cond:
+            asked = self._drains_asked
         while (p := self._assemble(source, 0.0)) is not None:
             self.start(p.items[0])
             self._prefetch(p)
             self._train_pass(p, self._install(p))
         self._flush_all()
-        self._drain.clear()
-        self._drained.set()
+        with self._drain_cond:  # later requests drain again: they may have missed rows
+            self._drains_done = max(self._drains_done, asked)
+            self._drain_cond.notify_all()
 
 
 def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
