@@ -22,6 +22,7 @@ from pipeline.stack import (
     find_redis_binary,
     free_port,
 )
+from tests.procgroups import ProcessGroups
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -106,6 +107,13 @@ def redis_client(redis_url: str) -> Iterator[object]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessGroups]:
+    """Starts processes in their own groups; kills every group at teardown, pass or fail."""
+    with ProcessGroups() as owned:
+        yield owned
 
 
 @pytest.fixture(scope="session")
