@@ -184,7 +184,7 @@ def redis_answers(url: str, timeout: float = 2.0, external: bool = False) -> boo
     from pipeline.ps.frontclient import connect
 
     settings = load(RedisSettings, url=url) if external else RedisSettings.model_construct(url=url)
-    client = connect(settings, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = connect(settings, check=False, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         return bool(client.ping())
     finally:
