@@ -22,7 +22,7 @@ __all__ = ["demo"]
 @click.option(
     "--rate",
     type=float,
-    default=2000.0,
+    default=10000.0,
     show_default=True,
     help="Impressions (or sample rows) per second produced",
 )

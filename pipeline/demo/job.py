@@ -67,7 +67,7 @@ class DemoSettings:
 
     state_dir: Path
     duration_s: float = 120.0
-    rate: float = 2000.0
+    rate: float = 10000.0
     shards: int = 2
     trainers: int = 2
     model_kind: str = "deepfm"
