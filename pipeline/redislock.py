@@ -26,13 +26,18 @@ return 0
 
 
 class RedisLock:
-    """The lease ``key``, held by this object's random token."""
+    """The lease ``key``, held by this object's token.
 
-    def __init__(self, client: Any, key: bytes, ttl_ms: int) -> None:
+    The token is random unless ``holder`` names a stable identity: a holder restarted
+    under the same name (a supervisor restarting a crashed process) takes its lease
+    back at once instead of waiting ``ttl_ms`` for it to expire.
+    """
+
+    def __init__(self, client: Any, key: bytes, ttl_ms: int, holder: str | None = None) -> None:
         self.redis = client
         self.key = key
         self.ttl_ms = ttl_ms
-        self.token = uuid.uuid4().hex
+        self.token = f"holder:{holder}" if holder else uuid.uuid4().hex
 
     def acquire(self) -> bool:
         """Take the lease, or refresh it when it is already ours; False if someone else holds it."""

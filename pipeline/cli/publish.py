@@ -51,6 +51,13 @@ def publish() -> None:
 @click.option("--base-every", type=int, default=10, show_default=True, help="A base every K")
 @click.option("--max-chunk-bytes", type=int, default=8 << 20, show_default=True)
 @click.option("--once", is_flag=True, help="Publish one version and exit")
+@click.option(
+    "--holder",
+    envvar="PIPELINE_PUBLISH_HOLDER",
+    default=None,
+    help="Stable id of this publisher: restarted under the same id it takes its lock back at "
+    "once instead of waiting for it to expire (2 min) [env PIPELINE_PUBLISH_HOLDER]",
+)
 @bootstrap_option
 @redis_url_option
 @prefix_option
@@ -60,6 +67,7 @@ def run(
     base_every: int,
     max_chunk_bytes: int,
     once: bool,
+    holder: str | None,
     bootstrap: str | None,
     redis_url: str | None,
     prefix: str | None,
@@ -79,6 +87,7 @@ def run(
         model,
         base_every=base_every,
         max_chunk_bytes=max_chunk_bytes,
+        holder=holder,
     )
 
     def report(v: Any) -> None:

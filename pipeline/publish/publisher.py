@@ -83,6 +83,7 @@ class Publisher:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         ack_timeout_s: float = 60.0,
         lock_ttl_ms: int = 120_000,
+        holder: str | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         if base_every < 1:
@@ -99,7 +100,8 @@ class Publisher:
         self.max_chunk_bytes = max_chunk_bytes
         self.ack_timeout_s = ack_timeout_s
         self.clock_ms = clock_ms
-        self.lock = RedisLock(client, lock_key(model.name), lock_ttl_ms)
+        # a restarted publisher with the same ``holder`` id takes its lock back at once
+        self.lock = RedisLock(client, lock_key(model.name), lock_ttl_ms, holder)
         self.ps = PSClient(client, trainer_id=f"publisher-{model.name}")
         self._delivery_errors: list[str] = []
         self._delivered_offsets: list[int] = []
