@@ -109,6 +109,19 @@ def redis_client(redis_url: str) -> Iterator[object]:
         client.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local 3-master Redis Cluster for the session (tests/rediscluster.py); its URL."""
+    from tests.rediscluster import redis_cluster
+
+    try:
+        find_redis_binary()
+    except StackError as exc:
+        pytest.skip(f"Redis Cluster unavailable: {exc}")
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as nodes:
+        yield nodes.url
+
+
 @pytest.fixture
 def processes() -> Iterator[ProcessGroups]:
     """Starts processes in their own groups; kills every group at teardown, pass or fail."""

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,90 +20,6 @@ from pipeline.ps.spec import TableSpec
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _cluster_ports(count: int) -> list[int]:
-    """Ports p with p and its cluster-bus port p + 10000 free."""
-    ports: list[int] = []
-    for port in range(30000 + (time.time_ns() // 1000) % 20000, 55000):
-        if _free(port) and _free(port + 10000):
-            ports.append(port)
-            if len(ports) == count:
-                return ports
-    pytest.skip("no free ports for a Redis Cluster")
-
-
-@pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if not server or not cli:
-        pytest.skip("redis-server and redis-cli are needed for a Redis Cluster")
-    base = tmp_path_factory.mktemp("cluster")
-    ports = _cluster_ports(3)
-    procs = []
-    for port in ports:
-        node = base / str(port)
-        node.mkdir()
-        procs.append(
-            subprocess.Popen(
-                [
-                    server,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(node / "nodes.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(node),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    try:
-        for port in ports:
-            for _ in range(100):
-                try:
-                    redis.Redis(port=port).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{p}" for p in ports],
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        for _ in range(200):
-            if b"cluster_state:ok" in redis.Redis(port=ports[0]).execute_command("CLUSTER INFO"):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-
-
 def _spec(name: str) -> TableSpec:
     return TableSpec.from_dict(
         {
@@ -120,12 +32,12 @@ def _spec(name: str) -> TableSpec:
     )
 
 
-def test_pull_push_on_redis_cluster(cluster_url: str, unique: str, tmp_path: Path) -> None:
+def test_pull_push_on_redis_cluster(redis_cluster_url: str, unique: str, tmp_path: Path) -> None:
     specs = [_spec(f"a{unique}"), _spec(f"b{unique}")]  # two tables: streams in different slots
     shards = 3
     servers = [
         ShardServer(
-            RedisCluster.from_url(cluster_url),
+            RedisCluster.from_url(redis_cluster_url),
             specs,
             s,
             shards,
@@ -138,7 +50,7 @@ def test_pull_push_on_redis_cluster(cluster_url: str, unique: str, tmp_path: Pat
     for t in threads:
         t.start()
     try:
-        client = PSClient(RedisCluster.from_url(cluster_url))
+        client = PSClient(RedisCluster.from_url(redis_cluster_url))
         ids = np.arange(1, 301, dtype=np.uint64) * np.uint64(7919)
         for _ in range(60):  # the servers register their tables when they start
             try:
@@ -155,7 +67,7 @@ def test_pull_push_on_redis_cluster(cluster_url: str, unique: str, tmp_path: Pat
             np.testing.assert_allclose(weights, -0.5)
         # the shards really are spread over the nodes
         nodes = {
-            RedisCluster.from_url(cluster_url).keyslot(f"gs:{{{specs[0].name}:{s}}}") // 5462
+            RedisCluster.from_url(redis_cluster_url).keyslot(f"gs:{{{specs[0].name}:{s}}}") // 5462
             for s in range(shards)
         }
         assert len(nodes) >= 2
@@ -169,10 +81,12 @@ def test_pull_push_on_redis_cluster(cluster_url: str, unique: str, tmp_path: Pat
 
 @pytest.mark.parametrize("kind", ["single", "cluster"])
 def test_dense_versions_and_conflicts(
-    kind: str, cluster_url: str, redis_url: str, unique: str
+    kind: str, redis_cluster_url: str, redis_url: str, unique: str
 ) -> None:
     client: Any = (
-        RedisCluster.from_url(cluster_url) if kind == "cluster" else redis.Redis.from_url(redis_url)
+        RedisCluster.from_url(redis_cluster_url)
+        if kind == "cluster"
+        else redis.Redis.from_url(redis_url)
     )
     ps = PSClient(client)
     name = f"dense{unique}"
