@@ -14,7 +14,7 @@ import click
 from pipeline.cli.options import bootstrap_option, prefix_option
 from pipeline.config import KafkaSettings, TopicsSettings, load
 from pipeline.errors import PipelineError
-from pipeline.ingest.dlq import FixFn, read_dead_letters, replay_dead_letters
+from pipeline.ingest.dlq import TRUNCATED, FixFn, read_dead_letters, replay_dead_letters
 
 __all__ = ["dlq", "load_fix"]
 
@@ -83,6 +83,8 @@ def inspect_cmd(
         where = f"{letter.partition}:{letter.offset}"
         source = f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}"
         error = letter.error.replace("\n", " ")
+        if letter.truncated:
+            error = f"[truncated: first {len(letter.value):,} bytes kept] {error}"
         click.echo(f"{where:>8}  {source:40}  {letter.reason:22}  {letter.size:>8}  {error}")
     by_reason = ", ".join(f"{r}={n}" for r, n in sorted(counts.items())) or "none"
     click.echo(f"{sum(counts.values())} dead letter(s) in {name} ({by_reason})", err=True)
@@ -134,7 +136,10 @@ def replay_cmd(
     from_offset: int,
     fix_script: str | None,
 ) -> None:
-    """Re-submit the original bytes and keys of dead letters; prints counts."""
+    """Re-submit the original bytes and keys of dead letters; prints counts.
+
+    Truncated dead letters (too large to keep whole) are refused: exit code 1.
+    """
     settings = load(KafkaSettings, bootstrap=bootstrap)
     summary = replay_dead_letters(
         settings,
@@ -152,6 +157,14 @@ def replay_cmd(
     for why, n in sorted(summary.skipped.items()):
         click.echo(f"skipped {n} ({why})")
     click.echo(f"{summary.total} replayed, {summary.failed} failed", err=True)
+    refused = summary.skipped.get(TRUNCATED, 0)
+    if refused:
+        click.echo(
+            f"error: {refused} dead letter(s) not replayed: the message was too large to "
+            "dead-letter whole and only its first bytes were kept (see dlq inspect)",
+            err=True,
+        )
     if summary.failed:
         click.echo(f"error: {summary.failed} replayed message(s) were not delivered", err=True)
+    if summary.failed or refused:
         raise SystemExit(1)

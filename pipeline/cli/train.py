@@ -134,6 +134,7 @@ def train(
         "batches": result.batches,
         "passes": result.passes,
         "dead_letters": result.dead_letters,
+        "dead_letter_reasons": dict(sorted(result.dead_letter_reasons.items())),
         "seconds": round(result.seconds, 3),
         "rows_per_s": round(result.rows_per_s, 1),
         "first_row_at": result.first_row_at,
@@ -146,5 +147,19 @@ def train(
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(" ".join(f"{k}={v}" for k, v in summary.items() if k != "committed"))
+        skip = ("committed", "dead_letter_reasons")
+        click.echo(" ".join(f"{k}={v}" for k, v in summary.items() if k not in skip))
     sys.stdout.flush()
+    if result.rows == 0 and result.dead_letter_reasons:
+        _fail_all_dead(result.dead_letter_reasons)
+
+
+def _fail_all_dead(reasons: dict[str, int]) -> None:
+    """Exit 1: a trainer that only dead-lettered is fed the wrong data (layout, labels)."""
+    counts = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+    click.echo(
+        f"error: every message read was dead-lettered ({counts}); nothing was trained. "
+        "See pipeline dlq inspect",
+        err=True,
+    )
+    raise SystemExit(1)

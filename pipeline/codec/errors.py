@@ -26,6 +26,10 @@ REASONS: dict[str, str] = {
     "unknown_slot": "a slot the expected SlotConfig does not have",
     "non_finite": "NaN or infinity in labels, weights or dense features",
     "negative_weight": "a sample weight below zero",
+    "bad_label": "a label other than 0 or 1 (a sample cannot be trained on)",
+    "bad_event_time": "an event time below 0 or more than a day past the current time",
+    "too_large": "a message above the topic's declared max.message.bytes",
+    "decode_failed": "decoding raised something other than CodecError (a bug; see the log)",
 }
 
 

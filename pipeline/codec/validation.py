@@ -2,10 +2,16 @@
 
 Everything here is vectorized over the whole batch: the decode path of a consumer
 runs these checks on every message. Reasons are listed in ``docs/codec.md``.
+
+:func:`validate_batch` is the wire contract (any finite label, any int64 time);
+:func:`validate_trainable` adds what training needs: labels 0 or 1 and event times
+from 0 up to a day past now. Producers check both before sending, the trainer's
+reader before a batch reaches the trainer (a failure becomes a dead letter).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +23,19 @@ from pipeline.codec.slots import SlotConfig, config_fingerprint
 if TYPE_CHECKING:
     from pipeline.codec.samplebatch import SampleBatch
 
-__all__ = ["validate_batch"]
+__all__ = [
+    "MAX_FUTURE_SKEW_MS",
+    "check_event_time",
+    "check_label",
+    "now_ms",
+    "validate_batch",
+    "validate_trainable",
+]
+
+#: How far past the current time an event time may be: generous for clock skew and
+#: time zone slips; beyond it the value is a unit error (microseconds, nanoseconds)
+#: or garbage that would drag every watermark and window into the future.
+MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
 
 
 def validate_batch(batch: SampleBatch, expected: SlotConfig | None = None) -> None:
@@ -38,6 +56,59 @@ def validate_batch(batch: SampleBatch, expected: SlotConfig | None = None) -> No
             raise CodecError("non_finite", f"{name} contains NaN or infinity")
     if (batch.weights < 0).any():
         raise CodecError("negative_weight", "weights must be >= 0")
+
+
+def validate_trainable(batch: SampleBatch, now: int | None = None) -> None:
+    """Raise CodecError (``bad_label``, ``bad_event_time``) unless every row can be trained.
+
+    ``batch`` must already pass :func:`validate_batch`. ``now`` is ms since the epoch
+    (the current time by default).
+    """
+    labels = batch.labels
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        r = int(bad[0])
+        raise CodecError(
+            "bad_label",
+            f"row {r}: label {float(labels[r]):g}, labels must be 0 or 1 "
+            f"({bad.size} of {len(labels)} rows)",
+        )
+    times = batch.event_times
+    latest = (now_ms() if now is None else now) + MAX_FUTURE_SKEW_MS
+    bad = np.flatnonzero((times < 0) | (times > latest))
+    if bad.size:
+        r = int(bad[0])
+        raise CodecError(
+            "bad_event_time",
+            f"row {r}: {_time_problem(int(times[r]), latest)} ({bad.size} of {len(times)} rows)",
+        )
+
+
+def check_label(label: float) -> None:
+    """CodecError ``bad_label`` unless ``label`` is 0 or 1 (one row; producers)."""
+    if label != 0 and label != 1:
+        raise CodecError("bad_label", f"label {label:g}: labels must be 0 or 1")
+
+
+def check_event_time(event_time: int, now: int | None = None) -> None:
+    """CodecError ``bad_event_time`` unless 0 <= ``event_time`` <= now + a day (one row)."""
+    latest = (now_ms() if now is None else now) + MAX_FUTURE_SKEW_MS
+    if not 0 <= event_time <= latest:
+        raise CodecError("bad_event_time", _time_problem(event_time, latest))
+
+
+def now_ms() -> int:
+    """The current time, ms since the Unix epoch."""
+    return int(time.time() * 1000)
+
+
+def _time_problem(event_time: int, latest: int) -> str:
+    if event_time < 0:
+        return f"event_time {event_time} is negative (ms since the Unix epoch expected)"
+    return (
+        f"event_time {event_time} is more than {MAX_FUTURE_SKEW_MS // 3_600_000} h past now "
+        f"(latest allowed {latest}; ms since the Unix epoch expected, not us or ns)"
+    )
 
 
 _KINDS = {

@@ -7,6 +7,10 @@ key, where it came from (topic, partition, offset), a stable ``reason`` code
 committing the offsets it covers, so a dead letter is never lost (at-least-once).
 :func:`read_dead_letters` reads them back; :func:`replay_dead_letters` re-submits the
 original bytes once the cause is fixed. See ``docs/ingest-producing.md``.
+
+A message too large to dead-letter whole (above the dead-letter topic's declared
+``max.message.bytes``) is kept as its first :data:`PREFIX_BYTES` bytes with its
+``original_size``: inspectable, never replayed (a prefix is not the message).
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ from pipeline.codec.errors import CodecError
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
 from pipeline.ingest.delivery import Deliveries, ProducerStats, produce_message
+from pipeline.ingest.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, FRAMING_BYTES, declared_limit
 
 __all__ = [
+    "PREFIX_BYTES",
+    "TRUNCATED",
     "UNREADABLE",
     "DeadLetter",
     "DeadLetterWriter",
     "ReplaySummary",
+    "dead_letter_body",
+    "decode_dead_letter",
     "read_dead_letters",
     "replay_dead_letters",
 ]
@@ -39,22 +48,83 @@ UNREADABLE = "unreadable_dead_letter"
 #: Longest error text kept; the value is never truncated.
 MAX_ERROR_CHARS = 16_384
 REPLAY_HEADER = "pipeline.replayed_from"
+#: Bytes of the value (and key) kept of a message too large to dead-letter whole.
+PREFIX_BYTES = 1024
+#: Skip reason of a truncated dead letter in :class:`ReplaySummary`.
+TRUNCATED = "truncated: only its first bytes were kept"
+
+
+def dead_letter_body(
+    value: bytes,
+    *,
+    key: bytes | None,
+    source_topic: str,
+    source_partition: int,
+    source_offset: int,
+    reason: str,
+    error: str,
+    failed_at: int,
+    max_bytes: int,
+) -> tuple[bytes, bytes | None]:
+    """The Avro DeadLetter body and the Kafka key to send it with.
+
+    When the whole letter (plus key and framing) would exceed ``max_bytes``, value and
+    key are cut to their first :data:`PREFIX_BYTES` bytes and ``original_size`` says
+    how large the value was.
+    """
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[:MAX_ERROR_CHARS] + f"... ({len(error)} chars)"
+    record = {
+        "value": bytes(value),
+        "key": None if key is None else bytes(key),
+        "source_topic": source_topic,
+        "source_partition": int(source_partition),
+        "source_offset": int(source_offset),
+        "reason": reason,
+        "error": error,
+        "failed_at": int(failed_at),
+        "original_size": None,
+    }
+    data = avro.encode("DeadLetter", record)
+    if len(data) + (len(key) if key else 0) + FRAMING_BYTES <= max_bytes:
+        return data, key
+    key = None if key is None else bytes(key[:PREFIX_BYTES])
+    record |= {"value": bytes(value[:PREFIX_BYTES]), "key": key, "original_size": len(value)}
+    return avro.encode("DeadLetter", record), key
+
+
+def decode_dead_letter(data: bytes) -> dict[str, Any]:
+    """A DeadLetter record (also one written before ``original_size`` existed)."""
+    try:
+        return avro.decode("DeadLetter", data)
+    except CodecError as exc:
+        try:  # a letter without the trailing field reads as one whose union index is null
+            return avro.decode("DeadLetter", data + b"\x00")
+        except CodecError:
+            raise exc from None
 
 
 class DeadLetterWriter:
     """Writes DeadLetter records to the dead-letter topic (``samples.dlq`` by default).
 
     Give it :class:`KafkaSettings` to own a producer (closed with the writer), or an
-    existing confluent-kafka ``Producer`` to share one (only flushed).
+    existing confluent-kafka ``Producer`` to share one (only flushed). Letters above
+    ``max_message_bytes`` (default: the topic's declared limit, else Kafka's 1 MB
+    default) are truncated (see :func:`dead_letter_body`).
     """
 
     def __init__(
         self,
         producer_or_settings: KafkaSettings | Any,
         topic: str = "samples.dlq",
+        *,
+        max_message_bytes: int | None = None,
         **librdkafka_overrides: Any,
     ) -> None:
         self.topic = topic
+        self.max_message_bytes = (
+            max_message_bytes or declared_limit(topic) or BROKER_DEFAULT_MAX_MESSAGE_BYTES
+        )
         if isinstance(producer_or_settings, KafkaSettings):
             self._producer = kafka.producer(producer_or_settings, **librdkafka_overrides)
         elif librdkafka_overrides:
@@ -77,20 +147,18 @@ class DeadLetterWriter:
         """Queue one dead letter (delivery is confirmed by :meth:`flush`)."""
         if not reason:
             raise ValueError("a dead letter needs a reason code")
-        if len(error) > MAX_ERROR_CHARS:
-            error = error[:MAX_ERROR_CHARS] + f"... ({len(error)} chars)"
-        record = {
-            "value": bytes(value),
-            "key": None if key is None else bytes(key),
-            "source_topic": source_topic,
-            "source_partition": int(source_partition),
-            "source_offset": int(source_offset),
-            "reason": reason,
-            "error": error,
-            "failed_at": int(time.time() * 1000),
-        }
+        data, key = dead_letter_body(
+            value,
+            key=key,
+            source_topic=source_topic,
+            source_partition=source_partition,
+            source_offset=source_offset,
+            reason=reason,
+            error=error,
+            failed_at=int(time.time() * 1000),
+            max_bytes=self.max_message_bytes,
+        )
         headers = [("reason", reason.encode("utf-8"))]
-        data = avro.encode("DeadLetter", record)
         produce_message(
             self._producer, self._deliveries, self.topic, data, key=key, headers=headers
         )
@@ -156,11 +224,17 @@ class DeadLetter:
     reason: str
     error: str
     failed_at: int
+    original_size: int | None = None  # set when value holds only the first bytes
 
     @property
     def size(self) -> int:
         """Bytes of the original value."""
-        return len(self.value)
+        return len(self.value) if self.original_size is None else self.original_size
+
+    @property
+    def truncated(self) -> bool:
+        """Whether only a prefix of the value (and key) was kept: it cannot be replayed."""
+        return self.original_size is not None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict; value and key as base64."""
@@ -170,12 +244,13 @@ class DeadLetter:
         doc["value"] = base64.b64encode(self.value).decode("ascii")
         doc["key"] = None if self.key is None else base64.b64encode(self.key).decode("ascii")
         doc["size"] = self.size
+        doc["truncated"] = self.truncated
         return doc
 
 
 def _parse(msg: Any) -> DeadLetter:
     try:
-        rec = avro.decode("DeadLetter", msg.value() or b"")
+        rec = decode_dead_letter(msg.value() or b"")
     except CodecError as exc:
         return DeadLetter(
             partition=msg.partition(),
@@ -277,7 +352,9 @@ def replay_dead_letters(
     """Re-submit dead letters' original bytes (and keys) to their source topic or ``to``.
 
     Each replayed message carries a ``pipeline.replayed_from`` header naming the
-    dead letter. Unreadable entries and those ``fix`` returns None for are skipped.
+    dead letter. Unreadable entries and those ``fix`` returns None for are skipped;
+    truncated ones are refused (counted in ``skipped[TRUNCATED]``, never given to
+    ``fix``): only a prefix of their message was kept.
     """
     if to == topic:
         raise PipelineError(f"refusing to replay {topic} into itself")
@@ -291,6 +368,9 @@ def replay_dead_letters(
         target = to or letter.source_topic
         if letter.reason == UNREADABLE or not target:
             summary.skipped["unreadable"] += 1
+            continue
+        if letter.truncated:
+            summary.skipped[TRUNCATED] += 1
             continue
         if target == topic:
             raise PipelineError(f"dead letter at offset {letter.offset} names {topic} as source")

@@ -6,7 +6,10 @@ topics. :class:`SampleProducer` turns row-wise samples into columnar SampleBatch
 messages, the only form the ``samples`` topic carries. Both pass any librdkafka
 property through (``**{"sasl.mechanism": "PLAIN"}``), count deliveries and flush on
 exit. Bad input raises :class:`~pipeline.codec.CodecError` at the call that gave it,
-so one bad row never poisons a batch. See ``docs/ingest-producing.md``.
+so one bad row never poisons a batch: labels other than 0 or 1, negative or far-future
+event times, non-finite values, and messages above the topic's declared
+``max.message.bytes`` (:mod:`pipeline.ingest.limits`; sample batches are split to fit
+instead). See ``docs/ingest-producing.md``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from pipeline import kafka
 from pipeline.codec import avro
 from pipeline.codec.errors import CodecError
 from pipeline.codec.hashing import HASH_SEED, SEPARATOR, value_bytes
-from pipeline.codec.samplebatch import SampleBatch, encode_batch, from_rows
+from pipeline.codec.samplebatch import SampleBatch, from_rows
 from pipeline.codec.slots import SlotConfig
+from pipeline.codec.validation import check_event_time, validate_trainable
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
 from pipeline.ingest.delivery import (
@@ -37,6 +41,7 @@ from pipeline.ingest.delivery import (
     partition_for,
     produce_message,
 )
+from pipeline.ingest.limits import FRAMING_BYTES, check_size, declared_limit, encode_within
 
 __all__ = [
     "Deliveries",
@@ -93,27 +98,35 @@ class EventProducer(_Closing):
         clicks_topic: str = "events.clicks",
         *,
         on_delivery: DeliveryHook | None = None,
+        max_message_bytes: int | None = None,
         **librdkafka_overrides: Any,
     ) -> None:
+        """``max_message_bytes`` (default: each topic's declared limit) caps key + value."""
         self.impressions_topic = impressions_topic
         self.clicks_topic = clicks_topic
+        self._limits = {
+            t: max_message_bytes or declared_limit(t) for t in (impressions_topic, clicks_topic)
+        }
         self._producer = kafka.producer(settings, **librdkafka_overrides)
         self._deliveries = Deliveries(on_delivery)
         self._closed = False
 
     def impression(self, record: Mapping[str, Any]) -> None:
-        """Send one Impression; CodecError (``schema_mismatch``) when it does not fit."""
+        """Send one Impression; CodecError (``schema_mismatch``, ``bad_event_time``,
+        ``too_large``) when it cannot be joined or sent."""
         self._send("Impression", self.impressions_topic, record)
 
     def click(self, record: Mapping[str, Any]) -> None:
-        """Send one Click; CodecError (``schema_mismatch``) when it does not fit."""
+        """Send one Click; CodecError as for :meth:`impression`."""
         self._send("Click", self.clicks_topic, record)
 
     def _send(self, schema: str, topic: str, record: Mapping[str, Any]) -> None:
         if self._closed:
             raise PipelineError("EventProducer is closed")
         value = avro.encode(schema, dict(record) if isinstance(record, Mapping) else record)
+        check_event_time(int(record["event_time"]))
         key = str(record["request_id"]).encode("utf-8")
+        check_size(topic, value, key, self._limits[topic])
         produce_message(self._producer, self._deliveries, topic, value, key=key, rows=1)
 
     @property
@@ -171,8 +184,11 @@ class SampleProducer(_Closing):
         key: KeyFn | None = None,
         *,
         on_delivery: DeliveryHook | None = None,
+        max_message_bytes: int | None = None,
         **librdkafka_overrides: Any,
     ) -> None:
+        """``max_message_bytes`` (default: the topic's declared limit) caps each message;
+        batches above it go out as several smaller ones."""
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
         if linger_ms < 0:
@@ -182,6 +198,9 @@ class SampleProducer(_Closing):
         self.batch_rows = batch_rows
         self.linger_s = linger_ms / 1000.0
         self._key = key
+        self.max_message_bytes = max_message_bytes or declared_limit(topic)
+        # a generous bound on the bytes of a batch besides its rows (names, lengths)
+        self._batch_overhead = 1024 + sum(len(s.encode("utf-8")) + 8 for s in config.slots)
         self._index = {name: s for s, name in enumerate(config.slots)}
         self._prefixes = {name: name.encode("utf-8") + SEPARATOR for name in config.slots}
         self._producer = kafka.producer(settings, **librdkafka_overrides)
@@ -209,10 +228,12 @@ class SampleProducer(_Closing):
             raise CodecError("schema_mismatch", "features must be a mapping of slot -> ids")
         ids = dict(features)
         index, top = self._index, _U64_MAX
+        many = 0  # ids of the slots holding several (the others hold one each)
         for slot, values in ids.items():
             if not (type(values) is int and 0 <= values <= top and slot in index):  # fast path
-                ids[slot] = self._checked_ids(slot, values)
-        self._append(label, ids, event_time, weight, dense, features)
+                checked = ids[slot] = self._checked_ids(slot, values)
+                many += 1 if type(checked) is int else len(checked)
+        self._append(label, ids, event_time, weight, dense, features, many)
 
     def send_raw(
         self,
@@ -229,6 +250,7 @@ class SampleProducer(_Closing):
         if not isinstance(raw, Mapping):
             raise CodecError("schema_mismatch", "raw must be a mapping of slot -> raw values")
         ids: dict[str, Any] = {}
+        many = 0
         digest, seed = xxhash.xxh64_intdigest, HASH_SEED
         for slot, value in raw.items():
             # hash64(slot, v) without re-encoding the slot name for every value
@@ -238,21 +260,25 @@ class SampleProducer(_Closing):
             try:
                 if isinstance(value, list | tuple):
                     ids[slot] = [digest(prefix + value_bytes(v), seed) for v in value]
+                    many += len(value)
                 else:
                     ids[slot] = digest(prefix + value_bytes(value), seed)
             except TypeError as exc:
                 raise CodecError("schema_mismatch", f"slot {slot!r}: {exc}") from None
-        self._append(label, ids, event_time, weight, dense, raw)
+        self._append(label, ids, event_time, weight, dense, raw, many)
 
     def send_batch(self, batch: SampleBatch, key: bytes | str | None = None) -> None:
-        """Send a pre-built batch (validated against this producer's SlotConfig)."""
+        """Send a pre-built batch (validated against this producer's SlotConfig and for
+        training); above the size limit it goes out as several messages, in order."""
         self._check_open()
         batch.validate(self.config)
-        value = encode_batch(batch, validate=False)
+        validate_trainable(batch)
         kb = key.encode("utf-8") if isinstance(key, str) else key
-        produce_message(
-            self._producer, self._deliveries, self.topic, value, key=kb, rows=batch.num_rows
-        )
+        parts = list(encode_within(batch, self.topic, self.max_message_bytes, kb))
+        for part, value in parts:
+            produce_message(
+                self._producer, self._deliveries, self.topic, value, key=kb, rows=part.num_rows
+            )
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -340,6 +366,7 @@ class SampleProducer(_Closing):
         weight: float,
         dense: Sequence[float] | None,
         keyed_on: Mapping[str, Any],
+        many_ids: int = 0,
     ) -> None:
         self._check_open()
         try:
@@ -354,6 +381,8 @@ class SampleProducer(_Closing):
             ) from None
         if not (math.isfinite(label_f) and math.isfinite(weight_f) and _all_finite(row_dense)):
             raise CodecError("non_finite", "NaN or infinity in label, weight or dense")
+        if label_f != 0.0 and label_f != 1.0:
+            raise CodecError("bad_label", f"label {label_f:g}: labels must be 0 or 1")
         if weight_f < 0:
             raise CodecError("negative_weight", f"weight {weight_f} < 0")
         if len(row_dense) != self.config.dense_dim:
@@ -361,6 +390,9 @@ class SampleProducer(_Closing):
             raise CodecError("length_mismatch", f"dense: {len(row_dense)} values, expected {want}")
         if not (_is_id(event_time, _I64[0]) and int(event_time) <= _I64[1]):
             raise CodecError("bad_dtype", f"event_time must be an int64 of ms, got {event_time!r}")
+        check_event_time(int(event_time))
+        if self.max_message_bytes is not None and many_ids:
+            self._check_row_size(many_ids + len(ids), len(row_dense))
         part = self._partition(keyed_on)
         with self._lock:
             buf = self._buffers.get(part)
@@ -375,6 +407,17 @@ class SampleProducer(_Closing):
             if full or time.monotonic() - buf.opened_at >= self.linger_s:
                 self._send_buffer(part)
         self._ensure_thread()
+
+    def _check_row_size(self, num_ids: int, dense_dim: int) -> None:
+        """CodecError ``too_large`` when one row alone would not fit in a message."""
+        assert self.max_message_bytes is not None
+        row = 16 + 4 * len(self.config.slots) + 8 * num_ids + 4 * dense_dim
+        if row + self._batch_overhead + FRAMING_BYTES > self.max_message_bytes:
+            raise CodecError(
+                "too_large",
+                f"a row of {num_ids:,} ids (about {row:,} bytes) cannot fit in a message of "
+                f"{self.topic} (max.message.bytes {self.max_message_bytes:,})",
+            )
 
     def _partition(self, keyed_on: Mapping[str, Any]) -> int | None:
         if self._key is None:
@@ -400,13 +443,19 @@ class SampleProducer(_Closing):
                 weights=buf.weights,
                 dense=buf.dense if self.config.dense_dim else None,
             )
-            value = encode_batch(batch, validate=False)  # from_rows validated it
+            parts = list(encode_within(batch, self.topic, self.max_message_bytes))
         except Exception as exc:  # rows were checked one by one, so this is a bug: count it
             self._deliveries.lost(len(buf), str(exc))
             raise
-        produce_message(
-            self._producer, self._deliveries, self.topic, value, rows=len(buf), partition=part
-        )
+        for rows, value in parts:
+            produce_message(
+                self._producer,
+                self._deliveries,
+                self.topic,
+                value,
+                rows=rows.num_rows,
+                partition=part,
+            )
 
     def _ensure_thread(self) -> None:
         if self._thread is None:

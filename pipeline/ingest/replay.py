@@ -10,6 +10,10 @@ Order: rows must go out in event-time order. A dataset of up to ``max_sort_rows`
 is read whole first; if it is not sorted it is sorted in memory (stable, so ties keep
 file order) with a warning. A longer dataset is streamed and must already be sorted:
 the first row that goes back in time stops the replay with an error naming it.
+
+Rows are checked for training (labels 0 or 1, sane event times) before they are
+sent, and a batch above the topic's declared ``max.message.bytes`` goes out as
+several smaller messages (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.codec.samplebatch import SampleBatch, concat, encode_batch
+from pipeline.codec.errors import CodecError
+from pipeline.codec.samplebatch import SampleBatch, concat
 from pipeline.codec.slots import SlotConfig
+from pipeline.codec.validation import validate_trainable
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
+from pipeline.ingest.limits import declared_limit, encode_within
 from pipeline.ingest.timeseek import partitions_of
 from pipeline.kafka import producer as make_producer
 
@@ -114,6 +121,7 @@ def replay_dataset(
     prod = make_producer(settings)
     partitions_of(prod, topic)  # fail before reading the file when the topic is missing
     batches, total, resorted = _ordered(dataset, batch_rows, limit, max_sort_rows)
+    max_bytes = declared_limit(topic)
     errors = DeliveryErrors()
     rows = sent = size = 0
     first: int | None = None
@@ -126,10 +134,21 @@ def replay_dataset(
             last = int(batch.event_times[-1])
             if speedup is not None:
                 _wait_until(prod, clock + (last - first) / 1000.0 / speedup)
-            payload = encode_batch(batch)
-            key = f"{dataset.name}:{rows}".encode()
-            produce_waiting(prod, topic, payload, key=key, timestamp=last, on_delivery=errors)
-            rows, sent, size = rows + batch.num_rows, sent + 1, size + len(payload)
+            try:
+                batch.validate()
+                validate_trainable(batch)
+                first_key = f"{dataset.name}:{rows}".encode()
+                parts = list(encode_within(batch, topic, max_bytes, first_key))
+            except CodecError as exc:
+                raise PipelineError(
+                    f"{dataset.name}: the batch of rows {rows}-{rows + batch.num_rows - 1} "
+                    f"cannot be sent ({exc}); the {rows} rows before it were sent"
+                ) from None
+            for part, payload in parts:
+                key = f"{dataset.name}:{rows}".encode()
+                stamp = int(part.event_times[-1])
+                produce_waiting(prod, topic, payload, key=key, timestamp=stamp, on_delivery=errors)
+                rows, sent, size = rows + part.num_rows, sent + 1, size + len(payload)
             if errors:
                 break
             if on_progress is not None:

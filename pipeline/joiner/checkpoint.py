@@ -26,10 +26,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.codec import avro
 from pipeline.codec.errors import CodecError
 from pipeline.config import KafkaSettings
 from pipeline.errors import PipelineError
+from pipeline.ingest.dlq import decode_dead_letter
 from pipeline.joiner.engine import JoinEngine
 from pipeline.joiner.output import parse_headers
 from pipeline.kafka import admin, consumer
@@ -290,7 +290,7 @@ def recover_outputs(
                 rows += engine.recover_sample(msg.headers(), msg.value())
         else:
             try:  # samples.dlq is shared: other writers' records are not ours to judge
-                source = avro.decode("DeadLetter", msg.value() or b"")["source_partition"]
+                source = decode_dead_letter(msg.value() or b"")["source_partition"]
             except CodecError:
                 continue
             if after_checkpoint(source, tp, offset):

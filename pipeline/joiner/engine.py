@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codec import avro
 from pipeline.codec.samplebatch import decode_batch
+from pipeline.ingest.dlq import decode_dead_letter
+from pipeline.ingest.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, declared_limit
 from pipeline.joiner import delta
 from pipeline.joiner.events import decode_events
 from pipeline.joiner.logic import Counters, EventBatch, JoinConfig, JoinResult, PartitionJoiner
@@ -68,6 +69,8 @@ class JoinEngine:
         self.joiners: dict[int, PartitionJoiner] = {}
         self.positions: dict[int, dict[str, int]] = {}  # input partition -> next offsets
         self._dlq_seen: set[tuple[str, int, int]] = set()  # dead letters found after a crash
+        # bigger messages are dead-lettered as their first bytes (see ingest/dlq.py)
+        self._dlq_limit = declared_limit(topics.dlq) or BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
     # -- partitions ------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class JoinEngine:
 
     def recover_dead_letter(self, value: bytes) -> tuple[str, int, int] | None:
         """Note a dead letter emitted after a checkpoint; returns its source position."""
-        rec = avro.decode("DeadLetter", value)
+        rec = decode_dead_letter(value)
         ident = (rec["source_topic"], rec["source_partition"], rec["source_offset"])
         inputs = (self.topics.impressions, self.topics.clicks)
         if ident[0] not in inputs or ident[1] not in self.joiners:
@@ -291,9 +294,9 @@ class JoinEngine:
         ident = (origin.topic, origin.partition, origin.offset)
         if ident in self._dlq_seen:
             return []  # already dead-lettered before a crash
-        value = dead_letter(origin, reason, error, now_ms)
+        value, key = dead_letter(origin, reason, error, now_ms, self._dlq_limit)
         q = partition % self.dlq_partitions
-        return [OutRecord(self.topics.dlq, q, origin.key, value, [], partition)]
+        return [OutRecord(self.topics.dlq, q, key, value, [], partition)]
 
 
 def _take(b: EventBatch, idx: Any) -> EventBatch:

@@ -29,6 +29,7 @@ from pipeline.codec.avrocolumns import (
 from pipeline.codec.avrocolumns import fingerprint as key_fingerprint
 from pipeline.codec.errors import CodecError
 from pipeline.codec.hashing import SEPARATOR
+from pipeline.codec.validation import MAX_FUTURE_SKEW_MS, now_ms
 from pipeline.codec.xxh64 import reader as xxh64_reader
 from pipeline.codec.xxh64 import xxh64_ranges
 from pipeline.joiner.logic import EventBatch, JoinConfig, click_batch, impression_batch
@@ -178,7 +179,8 @@ def _valid(cols: RecordColumns, kind: str) -> npt.NDArray[np.bool_]:
     ok = cols.ok.copy()
     for name in ("request_id", "user_id", "item_id"):
         ok &= f[name].length > 0
-    return ok & (f["event_time"] >= 0)
+    latest = now_ms() + MAX_FUTURE_SKEW_MS  # others are judged one by one: dead letters
+    return ok & (f["event_time"] >= 0) & (f["event_time"] <= latest)
 
 
 def _fallback(

@@ -16,6 +16,9 @@ from typing import Any
 from pipeline.codec import avro
 from pipeline.codec.errors import CodecError
 from pipeline.codec.hashing import SEPARATOR
+from pipeline.codec.validation import MAX_FUTURE_SKEW_MS, now_ms
+from pipeline.ingest.dlq import dead_letter_body
+from pipeline.ingest.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = [
     "INVALID_EVENT",
@@ -92,6 +95,12 @@ def _check_common(kind: str, rec: Mapping[str, Any]) -> None:
             raise CodecError(INVALID_EVENT, f"{kind}: empty {name}")
     if rec["event_time"] < 0:
         raise CodecError(INVALID_EVENT, f"{kind}: negative event_time {rec['event_time']}")
+    if rec["event_time"] > now_ms() + MAX_FUTURE_SKEW_MS:
+        raise CodecError(
+            INVALID_EVENT,
+            f"{kind}: event_time {rec['event_time']} is more than "
+            f"{MAX_FUTURE_SKEW_MS // 3_600_000} h past now (ms since the Unix epoch expected)",
+        )
 
 
 def decode_impression(data: bytes) -> Impression:
@@ -110,18 +119,26 @@ def decode_click(data: bytes) -> Click:
     return Click(rec["request_id"], rec["user_id"], rec["item_id"], rec["event_time"])
 
 
-def dead_letter(origin: Origin, reason: str, error: str, failed_at_ms: int) -> bytes:
-    """Avro ``DeadLetter`` body for a message that could not be joined."""
-    return avro.encode(
-        "DeadLetter",
-        {
-            "value": origin.value,
-            "key": origin.key,
-            "source_topic": origin.topic,
-            "source_partition": origin.partition,
-            "source_offset": origin.offset,
-            "reason": reason,
-            "error": error,
-            "failed_at": failed_at_ms,
-        },
+def dead_letter(
+    origin: Origin,
+    reason: str,
+    error: str,
+    failed_at_ms: int,
+    max_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
+) -> tuple[bytes, bytes | None]:
+    """Avro ``DeadLetter`` body for a message that could not be joined, and its key.
+
+    Above ``max_bytes`` only the first bytes of the message are kept
+    (:func:`pipeline.ingest.dlq.dead_letter_body`).
+    """
+    return dead_letter_body(
+        origin.value,
+        key=origin.key,
+        source_topic=origin.topic,
+        source_partition=origin.partition,
+        source_offset=origin.offset,
+        reason=reason,
+        error=error,
+        failed_at=failed_at_ms,
+        max_bytes=max_bytes,
     )

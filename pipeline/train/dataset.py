@@ -353,7 +353,10 @@ class QueueDataset:
         was_empty = self._batcher.pending_rows == 0
         try:
             batch = decode_for_training(value, self.expected)
-        except CodecError as exc:
+        except Exception as exc:  # no message may stop the partition: dead-letter it
+            if not isinstance(exc, CodecError):
+                log.exception("decoding %s[%d]@%d failed unexpectedly", *source)
+                exc = CodecError("decode_failed", f"{type(exc).__name__}: {exc}")
             self._dead_letter(msg, exc)
             chunks = self._batcher.add_dead(source)
             rows = 0

@@ -2,7 +2,9 @@
 
 :func:`~pipeline.codec.samplebatch.decode_batch` already rejects malformed bytes,
 empty batches, NaN/inf labels, weights and dense values, negative weights and a
-layout whose fingerprint differs from the expected one. A fingerprint mismatch alone
+layout whose fingerprint differs from the expected one; labels other than 0 or 1 and
+negative or far-future event times are refused here (``bad_label``,
+``bad_event_time``), before they reach the trainer. A fingerprint mismatch alone
 does not say what differs, so the layout is compared here first and the dead letter
 gets the specific reason: ``unknown_slot``, ``missing_slot``, ``slot_order`` or
 ``dense_dim_mismatch``. ``fingerprint_mismatch`` remains for a fingerprint that does
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pipeline.codec.errors import CodecError
 from pipeline.codec.samplebatch import SampleBatch, decode_batch
 from pipeline.codec.slots import SlotConfig
+from pipeline.codec.validation import validate_trainable
 
 __all__ = ["TRAIN_REASONS", "check_layout", "decode_for_training"]
 
@@ -26,9 +29,14 @@ TRAIN_REASONS: dict[str, str] = {
 
 
 def decode_for_training(value: bytes | None, expected: SlotConfig) -> SampleBatch:
-    """A validated SampleBatch with exactly the ``expected`` layout; CodecError otherwise."""
+    """A validated SampleBatch with exactly the ``expected`` layout; CodecError otherwise.
+
+    Its rows can be trained on: labels 0 or 1 and sane event times
+    (:func:`~pipeline.codec.validation.validate_trainable`).
+    """
     batch = decode_batch(value or b"")  # every check that needs no expected layout
     check_layout(batch, expected)
+    validate_trainable(batch)
     return batch
 
 

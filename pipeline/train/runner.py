@@ -206,6 +206,7 @@ class TrainerRole:
             result = trainer.run(
                 dataset, max_rows=max_rows, idle_timeout_s=idle_exit_s, on_progress=on_progress
             )
+            result.dead_letter_reasons = dict(dataset.stats.dead_letters)
             publish(metrics.roll(force=True))
             publisher.flush(10.0)
         finally:

@@ -148,6 +148,8 @@ class TrainResult:
     batches: int = 0
     passes: int = 0
     dead_letters: int = 0
+    #: dead-lettered messages by reason (filled in by the trainer role from its dataset)
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     #: wall-clock time (``time.time()``) of the first and last trained batch: comparable

@@ -56,6 +56,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "reason": "avro_decode",
         "error": "avro_decode: SampleBatch: EOFError",
         "failed_at": 1_700_000_000_000,
+        "original_size": None,
     },
     "ModelUpdateChunk": {
         "version": 42,
