@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -76,9 +77,11 @@ def run(
     from pipeline.kafka import producer
     from pipeline.ps.frontclient import connect
     from pipeline.publish.publisher import Publisher
+    from pipeline.publish.subscriber import last_manifest
 
     model = ModelSpec.from_yaml(model_path)
-    kafka_producer = producer(load(KafkaSettings, bootstrap=bootstrap))
+    kafka = load(KafkaSettings, bootstrap=bootstrap)
+    kafka_producer = producer(kafka)
     metrics_topic = load(TopicsSettings, prefix=prefix).prefix + "metrics"
     pub = Publisher(
         connect(load(RedisSettings, url=redis_url)),
@@ -88,6 +91,8 @@ def run(
         base_every=base_every,
         max_chunk_bytes=max_chunk_bytes,
         holder=holder,
+        # numbering continues from the topic when Redis lost the publisher's state
+        last_manifest=functools.partial(last_manifest, kafka, _topic(prefix), model),
     )
 
     def report(v: Any) -> None:

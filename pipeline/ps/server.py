@@ -3,7 +3,10 @@
 Loop: read the shard's grad streams (consumer group ``ps``), decode and apply
 each entry to the :class:`~pipeline.ps.table.ShardTable`, write the changed
 weights to the pull view, record the applied stream id, ack. Bad entries are
-counted by reason and acked, never applied partially, never fatal.
+counted by reason and acked, never applied partially, never fatal. While Redis is
+away the server retries with backoff (:mod:`pipeline.retry`); once it is back it
+re-registers, repositions its consumer groups after what its table holds and
+rebuilds its pull view, whether Redis kept its data or not.
 
 Durability (the guarantee): with a ``data_dir``, the server checkpoints each
 table (both tiers) incrementally (:mod:`pipeline.ps.checkpoint`: deltas of the
@@ -50,6 +53,7 @@ from pipeline.ps.keys import ShardKeys
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.staging.tracker import PublishTracker
 from pipeline.ps.table import PushRejected, ShardTable, cold_width
+from pipeline.retry import Outage, redis_errors, redis_where, retry_call
 from pipeline.snapshot.layout import SnapshotError, load_snapshot
 from pipeline.snapshot.shard import on_barrier as snapshot_barrier
 
@@ -155,6 +159,7 @@ class ShardServer:
         self._tables = {spec.name: self._open(spec) for spec in specs}
         self._last_shrink = time.monotonic()
         self.ready = threading.Event()  # set by run() once the pull view is published
+        self.outage = Outage(f"redis at {redis_where(client)}", log)
 
     # -- setup ---------------------------------------------------------------
     def _dir(self, spec: TableSpec) -> Path | None:
@@ -263,15 +268,22 @@ class ShardServer:
 
         try:
             reply = self._read()
-        except redis.ConnectionError as exc:
-            log.warning("Redis unreachable (%s); retrying", exc)
-            time.sleep(0.5)
+        except redis_errors() as exc:
+            time.sleep(self.outage.failed(exc))
             return 0
         except redis.ResponseError as exc:
             # NOGROUP: the group is gone; UNBLOCKED: the stream vanished while we waited.
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
+            self.outage.ok()
             log.warning("consumer groups are gone (Redis flushed or restarted): rebuilding")
+            self.stats.rebuilds += 1
+            self.start()
+            return 0
+        if self.outage.ok():
+            # a round may have failed half-written: rebuild from the table, and deliver
+            # again every entry after what it holds (this read's included)
+            log.warning("rebuilding the pull view and consumer groups after the outage")
             self.stats.rebuilds += 1
             self.start()
             return 0
@@ -422,11 +434,16 @@ class ShardServer:
                 self._trim(state)
 
     def run(self, stop: threading.Event, on_step: Callable[[int], None] | None = None) -> None:
-        """Serve until ``stop`` is set; checkpoints once more on the way out."""
-        self.start()
+        """Serve until ``stop`` is set, riding out Redis outages; checkpoints once more on
+        the way out."""
+        retry_call(self.start, self.outage, stop=stop)
         self.ready.set()
         while not stop.is_set():
-            applied = self.step()
+            try:
+                applied = self.step()
+            except redis_errors() as exc:  # mid-round: the next good read rebuilds
+                stop.wait(self.outage.failed(exc))
+                continue
             if on_step is not None:
                 on_step(applied)
         if self.options.data_dir is not None:

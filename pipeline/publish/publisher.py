@@ -10,6 +10,12 @@ arrives, so a publisher dying anywhere leaves no half model, only orphan chunks.
 
 Single instance: a Redis lock (``SET NX PX`` with a token) is held while
 publishing and checked again before the manifest goes out.
+
+Redis is not where versions are numbered from: when the publisher's state there is
+gone (Redis restarted without persistence, or flushed), it continues after the
+newest manifest on ``model.updates`` (``last_manifest``), with a base, so version
+numbers keep increasing for every subscriber. While Redis is away, :meth:`run`
+retries with backoff and resumes by itself.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.model.spec import ModelSpec
 from pipeline.periodic import run_every
-from pipeline.ps.client import PSClient
+from pipeline.ps.client import PSClient, ShardsNotReady
 from pipeline.ps.dense import pack_tensors, pull_dense
 from pipeline.ps.staging.chunks import checksum, split_bytes
 from pipeline.ps.staging.requests import PublishRequest, ShardAck, acks_key, piece_key
 from pipeline.publish.messages import CHUNK, MANIFEST, message
 from pipeline.redislock import RedisLock
+from pipeline.retry import Outage, redis_errors, redis_where
 
 __all__ = ["DEFAULT_MAX_CHUNK_BYTES", "PublishError", "PublishedVersion", "Publisher"]
 
@@ -85,6 +92,7 @@ class Publisher:
         lock_ttl_ms: int = 120_000,
         holder: str | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        last_manifest: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         if base_every < 1:
             raise ValueError(f"base_every must be >= 1, got {base_every}")
@@ -105,6 +113,9 @@ class Publisher:
         self.ps = PSClient(client, trainer_id=f"publisher-{model.name}")
         self._delivery_errors: list[str] = []
         self._delivered_offsets: list[int] = []
+        #: reads the newest manifest of the model on the topic (the durable version count)
+        self.last_manifest = last_manifest
+        self.outage = Outage(f"redis at {redis_where(client)}", log)
 
     # -- the lock ------------------------------------------------------------
     def acquire(self) -> bool:
@@ -135,6 +146,8 @@ class Publisher:
         self._hold()
         name = self.model.name
         state = {k.decode(): int(v) for k, v in self.redis.hgetall(state_key(name)).items()}
+        if "next" not in state:
+            self._continue_numbering()
         complete = state.get("complete")
         base = force_base or complete is None or state.get("since_base", 0) >= self.base_every - 1
         version = int(self.redis.hincrby(state_key(name), "next", 1))
@@ -166,11 +179,38 @@ class Publisher:
         self.redis.hset(state_key(name), mapping=progress)
         return out
 
+    def _continue_numbering(self) -> None:
+        """No state in Redis: number on from the newest manifest on the topic (if any).
+
+        Without "complete" the next version is a base, so no delta builds on a parent
+        that the shard servers' change logs and Redis may no longer agree on.
+        """
+        if self.last_manifest is None:
+            return
+        try:
+            manifest = self.last_manifest()
+        except PipelineError as exc:  # never guess: numbering from 1 freezes every subscriber
+            raise PublishError(f"cannot read the newest version on {self.topic}: {exc}") from None
+        if manifest is None:
+            return  # a new model
+        last = int(manifest["version"])
+        if self.redis.hsetnx(state_key(self.model.name), "next", last):
+            log.warning(
+                "publisher state of model %s is not in Redis (restarted or flushed?): "
+                "continuing after version %d found on %s, with a base",
+                self.model.name,
+                last,
+                self.topic,
+            )
+
     def _stage(self, request: PublishRequest, tables: dict[str, int]) -> dict[str, ShardAck]:
         """Place the request in every shard stream; wait for every shard's answer."""
         expected: set[str] = set()
         for table in tables:
-            shards = self.ps.route(table).shards
+            try:
+                shards = self.ps.route(table).shards
+            except ShardsNotReady as exc:  # e.g. Redis lost the registry: servers re-register
+                raise PublishError(f"version {request.version}: {exc}") from None
             expected |= {f"{table}:{s}" for s in range(shards)}
             self.ps.barrier(table, request.barrier_name())
         key = acks_key(request.model, request.version)
@@ -350,11 +390,17 @@ class Publisher:
         interval_s: float,
         on_version: Callable[[PublishedVersion], None] | None = None,
     ) -> None:
-        """Publish every ``interval_s`` until ``stop``; a failed version is logged and retried."""
+        """Publish every ``interval_s`` until ``stop``; a failed version is logged and retried,
+        at once with backoff while Redis is away."""
         try:
-            run_every(stop, interval_s, self.publish, on_version, PublishError, log)
+            run_every(
+                stop, interval_s, self.publish, on_version, PublishError, log, outage=self.outage
+            )
         finally:
-            self.release()
+            try:
+                self.release()
+            except redis_errors() as exc:
+                log.warning("could not release the publisher lock (it expires): %s", exc)
 
 
 class _NeedBase(Exception):

@@ -25,13 +25,15 @@ import numpy.typing as npt
 
 from pipeline.codec import avro
 from pipeline.codec.errors import CodecError
+from pipeline.errors import PipelineError
 from pipeline.model.modules import CTRModel, build_model, load_dense_state
 from pipeline.model.spec import ModelSpec
 from pipeline.ps.dense import unpack_tensors
 from pipeline.ps.staging.chunks import ChunkError, unpack_ids, unpack_rows, verify
 from pipeline.publish.messages import CHUNK, CHUNK_SCHEMA, MANIFEST, MANIFEST_SCHEMA, header_map
+from pipeline.retry import Outage
 
-__all__ = ["LiveModel", "Subscriber", "VersionEvent", "merge_rows"]
+__all__ = ["LiveModel", "Subscriber", "VersionEvent", "last_manifest", "merge_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class Subscriber:
         self.events: list[VersionEvent] = []
         self._chunks: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._consumer: Any = None
+        self._broker = Outage("the broker (model.updates)", log)
 
     # -- records ---------------------------------------------------------------
     def handle(self, headers: list[tuple[str, bytes]] | None, value: bytes) -> VersionEvent | None:
@@ -271,23 +274,43 @@ class Subscriber:
         self._consumer = consumer
 
     def latest_base_offset(self, consumer: Any, topic: str, timeout_s: float = 10.0) -> int | None:
-        """``base_offset`` of this model's newest manifest in ``topic``, read backwards in
-        growing windows from the end; None when there is none or it is no longer retained."""
+        """``base_offset`` of this model's newest manifest in ``topic``; None when there is
+        none or it is no longer retained."""
+        found = self.latest_manifest(consumer, topic, timeout_s)
+        if found is None:
+            return None
+        manifest, low = found
+        base = manifest.get("base_offset")
+        return int(base) if base is not None and base >= low else None
+
+    def latest_manifest(
+        self, consumer: Any, topic: str, timeout_s: float = 10.0, *, strict: bool = False
+    ) -> tuple[dict[str, Any], int] | None:
+        """(this model's newest manifest in ``topic``, the partition's low watermark), read
+        backwards in growing windows from the end; None when the topic holds none.
+
+        ``strict``: a window that could not be read whole raises :class:`PipelineError`
+        instead of counting as "no manifest there"."""
         from pipeline.ingest.timeseek import watermarks  # the end verified by a fetch
 
         low, high = watermarks(consumer, topic, 0, timeout_s)
         end, window = high, 16  # the newest message is usually a manifest
         while end > low:
             begin = max(low, end - window)
-            manifest = self._last_manifest(consumer, topic, begin, end, timeout_s)
+            manifest = self._last_manifest(consumer, topic, begin, end, timeout_s, strict)
             if manifest is not None:
-                base = manifest.get("base_offset")
-                return int(base) if base is not None and base >= low else None
+                return manifest, low
             end, window = begin, window * 4
         return None
 
     def _last_manifest(
-        self, consumer: Any, topic: str, begin: int, end: int, timeout_s: float
+        self,
+        consumer: Any,
+        topic: str,
+        begin: int,
+        end: int,
+        timeout_s: float,
+        strict: bool = False,
     ) -> dict[str, Any] | None:
         """The last manifest of this model among offsets ``[begin, end)``."""
         from confluent_kafka import TopicPartition
@@ -308,6 +331,8 @@ class Subscriber:
                     except CodecError:
                         continue
         consumer.unassign()
+        if strict and last < end - 1:
+            raise PipelineError(f"{topic}: could not read offsets {last + 1}..{end - 1} in time")
         return found
 
     @classmethod
@@ -337,9 +362,14 @@ class Subscriber:
             raise RuntimeError("attach() or connect() the subscriber first")
         out = []
         for msg in self._consumer.consume(max_messages, timeout_s):
-            if msg.error() is not None:
-                log.warning("model.updates: %s", msg.error())
+            error = msg.error()
+            if error is not None:
+                if _broker_away(error):  # librdkafka reconnects: one line per outage
+                    self._broker.failed(RuntimeError(str(error)))
+                else:
+                    log.warning("model.updates: %s", error)
                 continue
+            self._broker.ok()
             event = self.handle(msg.headers(), msg.value())
             if event is not None:
                 out.append(event)
@@ -354,6 +384,27 @@ class Subscriber:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def _broker_away(error: Any) -> bool:
+    from confluent_kafka import KafkaError
+
+    return error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+
+
+def last_manifest(settings: Any, topic: str, model: ModelSpec) -> dict[str, Any] | None:
+    """The newest manifest of ``model`` in ``topic`` (``settings``: KafkaSettings), or None.
+
+    What the publisher continues from when its state in Redis is gone.
+    """
+    from pipeline.kafka import consumer
+
+    reader = consumer(settings, f"publisher-recovery-{uuid.uuid4().hex[:8]}")
+    try:
+        found = Subscriber(model).latest_manifest(reader, topic, strict=True)
+    finally:
+        reader.close()
+    return None if found is None else found[0]
 
 
 def _decode_table(

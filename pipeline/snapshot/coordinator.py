@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.periodic import run_every
-from pipeline.ps.client import PSClient
+from pipeline.ps.client import PSClient, ShardsNotReady
 from pipeline.ps.dense import pack_tensors, pull_dense
 from pipeline.redislock import RedisLock
+from pipeline.retry import Outage, redis_errors, redis_where
 from pipeline.snapshot.layout import (
     FORMAT,
     MANIFEST,
@@ -141,7 +142,7 @@ class SnapshotCoordinator:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._sweep_unfinished()
         created = self.clock_ms()
-        seq = int(self.redis.incr(seq_key(self.name)))
+        seq = self._next_seq()
         stamp = dt.datetime.fromtimestamp(created / 1000, dt.timezone.utc).strftime(
             "%Y%m%dT%H%M%SZ"
         )
@@ -188,6 +189,21 @@ class SnapshotCoordinator:
         log.info("snapshot %s: %s rows in %.2f s -> %s", snapshot_id, rows, seconds, final)
         return TakenSnapshot(snapshot_id, final, rows, seconds, deleted)
 
+    def _next_seq(self) -> int:
+        """The series' next number; after Redis lost the counter it continues after the
+        newest snapshot on disk (ids stay unique and increasing)."""
+        key = seq_key(self.name)
+        if not self.redis.exists(key):
+            last = 0
+            for snap in list_snapshots(self.directory):
+                tail = snap.id.rsplit("-", 1)[-1]
+                last = max(last, int(tail) if tail.isdigit() else 0)
+            if self.redis.set(key, last, nx=True) and last:
+                log.warning(
+                    "snapshot counter of %s is not in Redis: continuing after %d", self.name, last
+                )
+        return int(self.redis.incr(key))
+
     def live_trainers(self) -> list[str]:
         """Ids of the job's trainers whose heartbeat has not expired (none without ``job``)."""
         if self.job is None:
@@ -229,7 +245,10 @@ class SnapshotCoordinator:
         """Place the barriers (unless trainers did); wait for every shard's ack (all ok)."""
         expected: set[str] = set()
         for table in self.tables:
-            shards = self.ps.route(table).shards
+            try:
+                shards = self.ps.route(table).shards
+            except ShardsNotReady as exc:  # e.g. Redis lost the registry: servers re-register
+                raise SnapshotError(f"snapshot {snapshot_id}: {exc}") from None
             expected |= {f"{table}:{s}" for s in range(shards)}
             if place_barriers:
                 self.ps.barrier(table, barrier_name(snapshot_id))
@@ -357,10 +376,14 @@ class SnapshotCoordinator:
         on_snapshot: Callable[[TakenSnapshot], None] | None = None,
     ) -> None:
         """Snapshot every ``interval_s`` until ``stop``; a failed cut is logged and retried."""
+        outage = Outage(f"redis at {redis_where(self.redis)}", log)
         try:
-            run_every(stop, interval_s, self.take, on_snapshot, SnapshotError, log)
+            run_every(stop, interval_s, self.take, on_snapshot, SnapshotError, log, outage=outage)
         finally:
-            self.release()
+            try:
+                self.release()
+            except redis_errors() as exc:
+                log.warning("could not release the snapshot lock (it expires): %s", exc)
 
 
 def resume_offsets(acks: Any) -> list[dict[str, Any]]:

@@ -9,6 +9,12 @@ training; with several it adds up their progress like geo-SGD does for dense
 parameters. The first trainer to start writes the initial parameters (version 1);
 later ones load them, so every trainer starts from the same values.
 
+Losing the table (Redis restarted without persistence, or flushed) never resets the
+model: a running trainer that finds it gone writes its own current values back
+(the freshest copy there is; others merge onto it as usual), and a starting trainer
+that finds no table calls :attr:`DenseSync.recover` (set by the trainer role: the
+newest snapshot, or wait for a running trainer) before it would initialize one.
+
 Traffic follows what changed: a sync reads the table's version first and the blob
 only when another trainer wrote since our last sync, writes nothing when no step
 changed a parameter, and the time bound keeps small steps (the young stages of
@@ -17,6 +23,7 @@ the step schedule) from syncing hundreds of times a second.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +35,8 @@ from pipeline.ps.dense import DenseConflict
 from pipeline.train.backend import SparseBackend
 
 __all__ = ["DenseSync"]
+
+log = logging.getLogger(__name__)
 
 
 class DenseSync:
@@ -56,10 +65,17 @@ class DenseSync:
         self.skipped = 0  # syncs with nothing to write
         self._last_step = 0
         self._last_time = -math.inf
+        self.reseeds = 0  # times the table was gone and we wrote ours back
+        #: called when the table does not exist at start: returns True when it restored
+        #: the table (and the trainer's state) from a durable copy, False when this is a
+        #: new model that may be initialized; raises when a model exists but no copy does
+        self.recover: Callable[[], bool] | None = None
 
     def start(self) -> bool:
         """Load the shared parameters, or publish ours when none exist. True if we initialized."""
         version, tensors = self.backend.pull_dense(self.name)
+        if version == 0 and self.recover is not None and self.recover():
+            version, tensors = self.backend.pull_dense(self.name)
         if version == 0:
             state = dense_state(self.model)
             try:
@@ -100,7 +116,18 @@ class DenseSync:
             else:
                 version, shared = self.backend.pull_dense(self.name)
                 self.blob_reads += 1
-                merged = {k: shared[k] + delta[k] for k in delta}
+                if version == 0 and self.version > 0:
+                    # gone (Redis lost its data): our values are the freshest copy
+                    log.warning(
+                        "dense table %s is gone (Redis lost its data?): writing this "
+                        "trainer's parameters back (version %d before)",
+                        self.name,
+                        self.version,
+                    )
+                    self.reseeds += 1
+                    merged = local
+                else:
+                    merged = {k: shared[k] + delta[k] for k in delta}
             try:
                 new_version = self.backend.push_dense(self.name, merged, expected_version=version)
             except DenseConflict:

@@ -27,7 +27,9 @@ from pipeline.model.spec import ModelSpec
 from pipeline.ps.catalog import load_catalog
 from pipeline.ps.client import PSClient
 from pipeline.ps.frontclient import connect
+from pipeline.retry import retrying
 from pipeline.train.dataset import QueueDataset
+from pipeline.train.dense_recovery import DenseRecovery
 from pipeline.train.metrics import WindowedMetrics, progress_line
 from pipeline.train.metrics_sink import MetricsPublisher, PrometheusExporter, RedisMetricsSink
 from pipeline.train.settings import TrainerSettings
@@ -83,9 +85,11 @@ class TrainerRole:
         self.spec.check(catalog, SlotConfig(self.spec.slots, self.spec.dense_dim))
         trainer_id = s.trainer_id or f"{socket.gethostname()}-{os.getpid()}"
         client = connect(self.redis)
-        ps = PSClient(client, trainer_id=trainer_id, max_inflight=s.max_inflight)
+        ps = PSClient(
+            client, trainer_id=trainer_id, max_inflight=s.max_inflight, ready_timeout_s=s.ps_wait_s
+        )
         for table in self.spec.tables():
-            ps.route(table)  # fails with a clear message when no shard server registered it
+            ps.route(table)  # waits for the shard servers, then fails with a clear message
         group = f"{self.prefix}train.{s.job}"
         if resume is not None:
             from pipeline.snapshot.restore import resume_positions
@@ -123,16 +127,19 @@ class TrainerRole:
             keep_predictions=keep_predictions,
         )
         trainer_box.append(trainer)
+        # Redis lost the dense table: never re-initialize a model that exists
+        trainer.dense.recover = DenseRecovery(ps, trainer, resume or s.snapshot_dir, s.ps_wait_s)
         from pipeline.snapshot.participant import SnapshotParticipant
 
         participant = SnapshotParticipant(client, s.job, trainer_id)
-        trainer.participant = participant  # snapshots of this job cut at our barriers
+        # snapshots of this job cut at our barriers (Redis outages ridden out)
+        trainer.participant = retrying(participant, ps.outage)
         if resume is not None:
             from pipeline.snapshot.layout import load_snapshot
             from pipeline.snapshot.restore import restore_trainer
 
             restore_trainer(trainer, load_snapshot(resume))
-        sink = RedisMetricsSink(client, s.job)
+        sink = retrying(RedisMetricsSink(client, s.job), ps.outage)
         _resume_metrics(sink, trainer_id, metrics)
         # the step schedule's age: rows the whole job trained (a restarted or added
         # trainer of an established job starts with large steps)

@@ -95,6 +95,19 @@ class TrainerSettings(BaseSettings):
     dlq_topic: str = Field("samples.dlq", description="Dead-letter topic")
     metrics_topic: str = Field("metrics", description="Metrics topic")
     seed: int = Field(0, description="Seed of the dense initialization (same on every trainer)")
+    ps_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="At start, wait this long for the shard servers of every table to "
+        "register and come up (a trainer may start before them), and for a running trainer "
+        "to write back lost dense parameters, before failing",
+    )
+    snapshot_dir: str | None = Field(
+        None,
+        description="The job's snapshot directory: a trainer that finds the dense table gone "
+        "(Redis lost its data) while the model exists restores it, and its dense optimizer "
+        "state, from the newest snapshot there",
+    )
 
     @field_validator("metrics_token_file")
     @classmethod
