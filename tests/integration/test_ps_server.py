@@ -23,6 +23,7 @@ from pipeline.ps.keys import ShardKeys
 from pipeline.ps.server import ServerOptions
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.table import ShardTable
+from tests.procgroups import ProcessGroups
 from tests.psservers import shard_servers
 
 pytestmark = pytest.mark.integration
@@ -247,9 +248,9 @@ def test_server_rebuilds_pull_view_after_redis_flush(private_redis: str, unique:
 
 
 def _ps_process(
-    url: str, catalog: Path, data_dir: Path, shard: int, shards: int
+    processes: ProcessGroups, url: str, catalog: Path, data_dir: Path, shard: int, shards: int
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    return processes.start(
         [
             sys.executable,
             "-m",
@@ -276,7 +277,7 @@ def _ps_process(
 
 @pytest.mark.slow
 def test_sigkill_and_restart_loses_no_acknowledged_push(
-    redis_url: str, unique: str, tmp_path: Path
+    redis_url: str, unique: str, tmp_path: Path, processes: ProcessGroups
 ) -> None:
     spec = _spec(f"kill{unique}")
     catalog = tmp_path / "tables.yaml"
@@ -289,7 +290,7 @@ def test_sigkill_and_restart_loses_no_acknowledged_push(
         max_inflight=1000,
         backpressure_timeout_s=60,
     )
-    procs = [_ps_process(redis_url, catalog, data, s, SHARDS) for s in range(SHARDS)]
+    procs = [_ps_process(processes, redis_url, catalog, data, s, SHARDS) for s in range(SHARDS)]
     try:
         for i, (ids, grads) in enumerate(pushes):
             client.push(spec.name, ids, grads)  # acknowledged once XADD returns
@@ -298,7 +299,7 @@ def test_sigkill_and_restart_loses_no_acknowledged_push(
                 os.killpg(procs[0].pid, signal.SIGKILL)
                 procs[0].wait(10)
         time.sleep(0.2)
-        procs[0] = _ps_process(redis_url, catalog, data, 0, SHARDS)
+        procs[0] = _ps_process(processes, redis_url, catalog, data, 0, SHARDS)
         client.flush(timeout_s=60)
         ids = np.unique(np.concatenate([i for i, _ in pushes]))
         weights, found = client.pull(spec.name, ids)
@@ -351,7 +352,7 @@ def _load_chain(spec: TableSpec, directory: Path, work: Path, budget: int) -> tu
 
 @pytest.mark.slow
 def test_sigkill_after_incremental_checkpoints_restores_the_exact_table(
-    redis_url: str, unique: str, tmp_path: Path
+    redis_url: str, unique: str, tmp_path: Path, processes: ProcessGroups
 ) -> None:
     """A server with an SSD tier (budget 10x below the ids) writes many deltas and several
     bases, is SIGKILLed while pushes arrive, restarts: the checkpoint on disk at the kill
@@ -385,7 +386,7 @@ def test_sigkill_after_incremental_checkpoints_restores_the_exact_table(
     def server() -> subprocess.Popen[bytes]:
         args = [redis_url, json.dumps(spec.to_dict()), str(data), str(now)]
         args += ["--budget", str(budget), "--max-delta-rows", "300", "--interval", "0.2"]
-        return subprocess.Popen(
+        return processes.start(
             [sys.executable, "-m", "tests.psservers", *args],
             cwd=Path(__file__).resolve().parents[2],
             stdout=subprocess.DEVNULL,

@@ -22,6 +22,7 @@ import pytest
 from pipeline.ps.spec import TableSpec
 from pipeline.ps.table import ShardTable
 from pipeline.ps.tiers import ColdTier, SsdTier
+from tests.procgroups import ProcessGroups
 
 pytestmark = pytest.mark.integration
 
@@ -84,9 +85,9 @@ _WRITER = textwrap.dedent(
 )
 
 
-def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
+def test_acknowledged_writes_survive_sigkill(tmp_path: Path, processes: ProcessGroups) -> None:
     db = tmp_path / "db"
-    proc = subprocess.Popen(
+    proc = processes.start(
         [sys.executable, "-c", _WRITER, str(db)], stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None

@@ -10,10 +10,8 @@ trainers' predictions on the same buckets.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from pipeline.ingest.generator import TrafficConfig, TrafficGenerator
 from pipeline.train.metrics import bucket_index
 from pipeline.train.metrics_sink import RedisMetricsSink
 from tests.e2eutil import wait_for, write_specs
+from tests.procgroups import ProcessGroups
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -36,14 +35,12 @@ ROWS = 24_000
 MESSAGE_ROWS = 500
 
 
-def _cli(*args: str, log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "--log-level", "info", *args],
+def _cli(processes: ProcessGroups, *args: str, log: Path) -> subprocess.Popen[str]:
+    return processes.pipeline(
+        *args,
+        log=log,
         stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000"},
+        env={"PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000"},
     )
 
 
@@ -61,11 +58,13 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
     topic_prefix: str,
     unique: str,
     tmp_path: Path,
+    processes: ProcessGroups,
 ) -> None:
     catalog, model = write_specs(tmp_path, unique)
     job = f"job{unique}"
     servers = [
         _cli(
+            processes,
             "ps",
             "--shard",
             str(s),
@@ -81,72 +80,68 @@ def test_three_trainers_train_every_sample_once_and_agree_with_sklearn(
     ]
     client = redis.Redis.from_url(redis_url)
     trainers: list[subprocess.Popen[str]] = []
-    try:
-        wait_for(
-            "shard servers",
-            lambda: client.exists(f"ps:table:{{{unique}_deep}}".encode()),
-            30,
-            servers,
+    wait_for(
+        "shard servers",
+        lambda: client.exists(f"ps:table:{{{unique}_deep}}".encode()),
+        30,
+        servers,
+    )
+
+    def trainer(n: int) -> subprocess.Popen[str]:
+        return _cli(
+            processes,
+            "train",
+            "--config",
+            str(model),
+            "--tables",
+            str(catalog),
+            "--job",
+            job,
+            "--trainer-id",
+            f"t{n}",
+            "--batch-rows",
+            "256",
+            "--json",
+            "--predictions-out",
+            str(tmp_path / f"t{n}.npz"),
+            "--bootstrap",
+            kafka_bootstrap,
+            "--prefix",
+            topic_prefix,
+            "--redis-url",
+            redis_url,
+            log=tmp_path / f"t{n}.log",
         )
 
-        def trainer(n: int) -> subprocess.Popen[str]:
-            return _cli(
-                "train",
-                "--config",
-                str(model),
-                "--tables",
-                str(catalog),
-                "--job",
-                job,
-                "--trainer-id",
-                f"t{n}",
-                "--batch-rows",
-                "256",
-                "--json",
-                "--predictions-out",
-                str(tmp_path / f"t{n}.npz"),
-                "--bootstrap",
-                kafka_bootstrap,
-                "--prefix",
-                topic_prefix,
-                "--redis-url",
-                redis_url,
-                log=tmp_path / f"t{n}.log",
-            )
+    trainers = [trainer(0), trainer(1)]
+    gen = TrafficGenerator(TrafficConfig(seed=11))
+    batches = [b for b, _ in gen.samples(ROWS, MESSAGE_ROWS)]
+    half = len(batches) // 2
+    topic = project_topics["samples"]
+    _produce(kafka_bootstrap, topic, batches[:half])
+    sink = RedisMetricsSink(client, job)
 
-        trainers = [trainer(0), trainer(1)]
-        gen = TrafficGenerator(TrafficConfig(seed=11))
-        batches = [b for b, _ in gen.samples(ROWS, MESSAGE_ROWS)]
-        half = len(batches) // 2
-        topic = project_topics["samples"]
-        _produce(kafka_bootstrap, topic, batches[:half])
-        sink = RedisMetricsSink(client, job)
+    def trained() -> int:
+        counts, _ = sink.global_cumulative()
+        return int(counts.summary()["samples"])
 
-        def trained() -> int:
-            counts, _ = sink.global_cumulative()
-            return int(counts.summary()["samples"])
-
-        wait_for("first samples trained", lambda: trained() > 0, 60, trainers)
-        trainers.append(trainer(2))  # joins mid-run: a rebalance
-        joined = tmp_path / "t2.log"
-        wait_for(
-            "the third trainer's assignment", lambda: "assigned" in joined.read_text(), 60, trainers
-        )
-        _produce(kafka_bootstrap, topic, batches[half:])
-        wait_for("every sample trained", lambda: trained() >= ROWS, 300, trainers)
-        time.sleep(2.0)  # would reveal samples trained twice
-        results = []
-        for p in trainers:
-            os.killpg(p.pid, signal.SIGTERM)  # a clean stop: push, apply, commit, exit 0
-        for p in trainers:
-            out, _ = p.communicate(timeout=60)
-            assert p.returncode == 0, (tmp_path / "t0.log").read_text()[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in [*trainers, *servers]:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(20)
+    wait_for("first samples trained", lambda: trained() > 0, 60, trainers)
+    trainers.append(trainer(2))  # joins mid-run: a rebalance
+    joined = tmp_path / "t2.log"
+    wait_for(
+        "the third trainer's assignment", lambda: "assigned" in joined.read_text(), 60, trainers
+    )
+    _produce(kafka_bootstrap, topic, batches[half:])
+    wait_for("every sample trained", lambda: trained() >= ROWS, 300, trainers)
+    time.sleep(2.0)  # would reveal samples trained twice
+    results = []
+    for p in trainers:
+        processes.signal(p, signal.SIGTERM)  # a clean stop: push, apply, commit, exit 0
+    for n, p in enumerate(trainers):
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, (tmp_path / f"t{n}.log").read_text()[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    processes.stop(*servers)
     rows = [r["rows"] for r in results]
     assert sum(rows) == ROWS, rows  # exactly once: no sample lost, none trained twice
     assert all(r > 0 for r in rows), rows  # the late joiner got partitions
