@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procgroups import ProcessGroups
+
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.integration,
@@ -106,11 +108,11 @@ def test_demo_trains_publishes_serves_reports_and_leaves_nothing_running(tmp_pat
 
 
 def test_ctrl_c_stops_cleanly_with_everything_produced_trained_and_a_snapshot(
-    tmp_path: Path,
+    tmp_path: Path, processes: ProcessGroups
 ) -> None:
     state = tmp_path / "interrupted"
     args = ["--duration", "300", "--rate", "800", "--source", "samples", "--state-dir", str(state)]
-    proc = subprocess.Popen(
+    proc = processes.start(  # on failure the fixture's SIGTERM makes the demo stop its roles
         [sys.executable, "-c", _RUN, "demo", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -124,8 +126,7 @@ def test_ctrl_c_stops_cleanly_with_everything_produced_trained_and_a_snapshot(
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        processes.stop(proc, timeout=60)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "interrupted: stopping cleanly" in out
     summary = json.loads((state / "report" / "report.json").read_text())["summary"]

@@ -32,6 +32,7 @@ from pipeline.codec import avro
 from pipeline.codec.hashing import hash64
 from pipeline.codec.samplebatch import decode_batch
 from pipeline.codec.slots import SlotConfig
+from tests.procgroups import ProcessGroups
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -236,7 +237,11 @@ class Output:
 
 
 def start_joiner(
-    env: dict[str, str], checkpoint_s: float, idle_ms: int, engine: str = "confluent"
+    processes: ProcessGroups,
+    env: dict[str, str],
+    checkpoint_s: float,
+    idle_ms: int,
+    engine: str = "confluent",
 ) -> subprocess.Popen[str]:
     run_env = {
         **env,
@@ -245,7 +250,7 @@ def start_joiner(
         "PIPELINE_JOINER_IDLE_MS": str(idle_ms),
     }
     code = "from pipeline.cli.join import join; join()"
-    return subprocess.Popen(
+    return processes.start(
         [sys.executable, "-c", code],
         env=run_env,
         stdout=subprocess.PIPE,
@@ -307,7 +312,11 @@ def check_dead_letters(output: Output, produced: Produced) -> None:
 
 
 def test_join_survives_kill_and_restart_with_exact_output(
-    kafka_bootstrap: str, kafka_conf: dict[str, object], project_topics: dict[str, str], unique: str
+    kafka_bootstrap: str,
+    kafka_conf: dict[str, object],
+    project_topics: dict[str, str],
+    unique: str,
+    processes: ProcessGroups,
 ) -> None:
     env = joiner_env(kafka_bootstrap, kafka_conf, project_topics, unique)
     gen, produced = Generator(), Produced(kafka_conf, project_topics)
@@ -318,7 +327,7 @@ def test_join_survives_kill_and_restart_with_exact_output(
         gen.phase(0, 120)
         gen.orphans_and_garbage()
         produced.send(gen)
-        procs.append(start_joiner(env, checkpoint_s=3600, idle_ms=1500))
+        procs.append(start_joiner(processes, env, checkpoint_s=3600, idle_ms=1500))
         output.wait("run 1 to emit 40 rows", lambda: len(output.rows) >= 40, procs[-1])
         procs[-1].send_signal(signal.SIGKILL)
         procs[-1].communicate(timeout=30)
@@ -329,7 +338,7 @@ def test_join_survives_kill_and_restart_with_exact_output(
         # Run 2: phase B; stopped while the tail of B still has open windows.
         gen.phase(120, 200, clicks_below=170, late_below=130)
         produced.send(gen)
-        procs.append(start_joiner(env, checkpoint_s=0.5, idle_ms=8000))
+        procs.append(start_joiner(processes, env, checkpoint_s=0.5, idle_ms=8000))
         expected = gen.expected_rows()
         settled = {k for k, v in expected.items() if v["event_time"] < Generator.when(120)}
         settled |= {k for k in expected if k[1] == POS}
@@ -349,7 +358,7 @@ def test_join_survives_kill_and_restart_with_exact_output(
                 gen.stream_late_click(i)
         gen.phase(200, 240)
         produced.send(gen)
-        procs.append(start_joiner(env, checkpoint_s=0.5, idle_ms=1500))
+        procs.append(start_joiner(processes, env, checkpoint_s=0.5, idle_ms=1500))
         expected = gen.expected_rows()
         output.wait("all samples", lambda: output.keys() >= expected.keys(), procs[-1])
         output.wait("all dead letters", lambda: len(output.dead) >= len(produced.dead), procs[-1])
@@ -357,10 +366,7 @@ def test_join_survives_kill_and_restart_with_exact_output(
         counters = stop_joiner(procs[-1])
         output.poll(1.0)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        processes.close()  # the processes fixture would too; the output is read after
         output.close()
 
     assert emitted_by_run1 >= 40 and len(output.rows) > rows_after_run2  # both paths exercised
@@ -377,7 +383,11 @@ def test_join_survives_kill_and_restart_with_exact_output(
 
 
 def test_faust_engine_joins_exactly_in_one_run(
-    kafka_bootstrap: str, kafka_conf: dict[str, object], project_topics: dict[str, str], unique: str
+    kafka_bootstrap: str,
+    kafka_conf: dict[str, object],
+    project_topics: dict[str, str],
+    unique: str,
+    processes: ProcessGroups,
 ) -> None:
     """The faust engine gives the same samples and dead letters (no crash in this run)."""
     env = joiner_env(kafka_bootstrap, kafka_conf, project_topics, unique)
@@ -387,7 +397,7 @@ def test_faust_engine_joins_exactly_in_one_run(
     gen.orphans_and_garbage()
     produced.send(gen)
     expected = gen.expected_rows()
-    proc = start_joiner(env, checkpoint_s=0.5, idle_ms=1500, engine="faust")
+    proc = start_joiner(processes, env, checkpoint_s=0.5, idle_ms=1500, engine="faust")
     try:
         output.wait("all samples", lambda: output.keys() >= expected.keys(), proc, timeout=90)
         output.wait("all dead letters", lambda: len(output.dead) >= len(produced.dead), proc)
@@ -395,9 +405,7 @@ def test_faust_engine_joins_exactly_in_one_run(
         counters = stop_joiner(proc)
         output.poll(1.0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        processes.close()
         output.close()
     check_rows(output, expected)
     check_dead_letters(output, produced)
@@ -407,7 +415,11 @@ def test_faust_engine_joins_exactly_in_one_run(
 
 
 def test_repeated_kills_during_checkpoint_rounds_keep_the_output_exact(
-    kafka_bootstrap: str, kafka_conf: dict[str, object], project_topics: dict[str, str], unique: str
+    kafka_bootstrap: str,
+    kafka_conf: dict[str, object],
+    project_topics: dict[str, str],
+    unique: str,
+    processes: ProcessGroups,
 ) -> None:
     """Generator traffic in four phases; the joiner (checkpoint rounds every 0.2 s, so
     kills land between a cut and its manifest too) is SIGKILLed in each of the first
@@ -484,13 +496,13 @@ def test_repeated_kills_during_checkpoint_rounds_keep_the_output_exact(
         for phase in range(3):
             send(phase)
             seen = len(output.rows)
-            procs.append(start_joiner(env, checkpoint_s=0.2, idle_ms=600_000))
+            procs.append(start_joiner(processes, env, checkpoint_s=0.2, idle_ms=600_000))
             output.wait(f"run {phase + 1} to emit", lambda s=seen: len(output.rows) > s, procs[-1])
             time.sleep(rng.uniform(0.0, 0.6))
             procs[-1].send_signal(signal.SIGKILL)
             procs[-1].communicate(timeout=30)
         send(3)
-        procs.append(start_joiner(env, checkpoint_s=0.2, idle_ms=600_000))
+        procs.append(start_joiner(processes, env, checkpoint_s=0.2, idle_ms=600_000))
         output.wait(
             "every impression's sample",
             lambda: {r[0] for r in output.rows} >= expected.keys(),
@@ -502,10 +514,7 @@ def test_repeated_kills_during_checkpoint_rounds_keep_the_output_exact(
         counters = stop_joiner(procs[-1])
         output.poll(1.0)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        processes.close()  # the processes fixture would too; the output is read after
         output.close()
 
     per_key = Counter(r[0] for r in output.rows)

@@ -30,7 +30,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from pipeline.train.infer import Inferencer
 from pipeline.train.metrics_sink import RedisMetricsSink
 from pipeline.train.resume import seek_group
 from tests.e2eutil import wait_for, write_specs
+from tests.procgroups import ProcessGroups
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -70,16 +70,11 @@ Procs = list[subprocess.Popen[str]]
 PSState = tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]
 
 
-def _cli(*args: str, log: Path) -> subprocess.Popen[str]:
-    """``pipeline ARGS`` in its own session; stdout to ``log``.out, stderr to ``log``."""
-    with log.with_suffix(".out").open("w") as out, log.open("w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "--log-level", "info", *args],
-            stdout=out,
-            stderr=err,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000"},
+def _cli(processes: ProcessGroups, *args: str, log: Path) -> subprocess.Popen[str]:
+    """``pipeline ARGS`` in its own process group; stdout to ``log``.out, stderr to ``log``."""
+    with log.with_suffix(".out").open("w") as out:
+        return processes.pipeline(
+            *args, log=log, stdout=out, env={"PIPELINE_KAFKA_SESSION_TIMEOUT_MS": "6000"}
         )
 
 
@@ -236,12 +231,14 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
     topic_prefix: str,
     unique: str,
     tmp_path: Path,
+    processes: ProcessGroups,
 ) -> None:
     catalog, model_path = write_specs(tmp_path, unique, serving={"fp16": False, "min_score": 0.0})
     spec = ModelSpec.from_yaml(str(model_path))
     connection = ["--bootstrap", kafka_bootstrap, "--prefix", topic_prefix]
     servers = [
         _cli(
+            processes,
             "ps",
             "--shard",
             str(s),
@@ -269,6 +266,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
 
     def trainer(job: str, n: int) -> subprocess.Popen[str]:
         return _cli(
+            processes,
             "train",
             "--config",
             str(model_path),
@@ -304,7 +302,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         target = sum(b.num_rows for b in batches[start:stop])
         wait_for(f"{target} samples trained", lambda: trained() >= target, 120, trainers)
         for p in trainers:
-            os.killpg(p.pid, signal.SIGTERM)  # a clean stop: push, wait applied, commit, exit 0
+            processes.signal(p, signal.SIGTERM)  # a clean stop: push, apply, commit, exit 0
         results = [
             json.loads(_finish(p, tmp_path / f"t{n}.log").strip().splitlines()[-1])
             for p, n in zip(trainers, ids, strict=True)
@@ -316,6 +314,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
     def publish(n: int) -> str:
         log = tmp_path / f"publish{n}.log"
         proc = _cli(
+            processes,
             "publish",
             "run",
             "--model",
@@ -396,6 +395,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         export_dir = tmp_path / "v2"
         log = tmp_path / "export.log"
         export = _cli(
+            processes,
             "publish",
             "export",
             "--model",
@@ -410,6 +410,7 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         port = free_port()
         serve_log = tmp_path / "serve.log"
         serve = _cli(
+            processes,
             "serve",
             "--model",
             str(model_path),
@@ -474,12 +475,4 @@ def test_trained_model_is_published_subscribed_and_served_exactly(
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
         assert len(np.unique(np.round(expected, 4))) > REQUEST_ROWS // 2  # rows really differ
     finally:
-        for p in [*running, *servers]:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in [*running, *servers]:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+        processes.stop()  # every group, SIGKILL after 30 s (the fixture again at teardown)
