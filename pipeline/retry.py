@@ -46,6 +46,17 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError)
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """Redis answered and refused us (wrong password, ACL): not an outage, never retried.
+
+    redis-py derives ``AuthenticationError`` from ``ConnectionError``; retrying it would
+    hide a changed password behind "unreachable" log lines forever.
+    """
+    from redis.exceptions import AuthenticationError, AuthorizationError
+
+    return isinstance(exc, (AuthenticationError, AuthorizationError))
+
+
 def redis_where(client: Any) -> str:
     """``host:port`` of a Redis client, for log lines (never its password)."""
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
@@ -137,6 +148,8 @@ def retry_call(
         try:
             out = fn()
         except caught as exc:
+            if is_refusal(exc):
+                raise
             delay = outage.failed(exc)
             if give_up_s is not None and outage.elapsed_s() >= give_up_s:
                 outage.log.error("%s away for %.0f s: giving up", outage.what, outage.elapsed_s())

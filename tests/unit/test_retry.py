@@ -78,3 +78,16 @@ def test_retrying_retries_every_method_of_its_target() -> None:
     assert wrapped.read(21) == 42
     assert target.calls == 3
     assert wrapped.name == "flaky"
+
+
+def test_a_refused_password_is_raised_at_once_not_retried_as_an_outage() -> None:
+    outage = Outage("redis at h:1", log, Backoff(initial_s=0.0, max_s=0.0))
+    calls: list[int] = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise redis.AuthenticationError("invalid username-password pair")
+
+    with pytest.raises(redis.AuthenticationError):
+        retry_call(refused, outage)
+    assert calls == [1] and not outage.down
