@@ -225,33 +225,85 @@ class PSClient:
         ids = np.asarray(ids, dtype=np.uint64)
         if len(ids) == 0:
             return np.zeros((0, route.dim), np.float32), np.zeros(0, bool)
+        while True:
+            pulled = self._pull_once(table, route, ids)
+            if pulled is not None:
+                return pulled
+            self._await_views(table, route)
+
+    def _pull_once(
+        self, table: str, route: TableRoute, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """One pull round trip; None when a pulled shard has no pull view (see below).
+
+        With :attr:`ready_timeout_s` set (trainers), each shard's ``applied`` meta field is
+        read in the same round trip: a shard without it has lost its pull view (Redis
+        restarted empty) and is still rebuilding, and its rows would read as zeros.
+        """
+        check = self.ready_timeout_s > 0
         if route.shards == 1 and self._raw_pool is not None:
-            return decode_rows(
-                self._raw_mget([self.keys(table, 0).mget_command(ids)])[0], route.dim
-            )
+            keys = self.keys(table, 0)
+            flags = [("HEXISTS", keys.meta, b"applied")] if check else []
+            replies = resp.send(self._raw_pool, [keys.mget_command(ids)], flags)
+            if check and not replies[1]:
+                return None
+            return decode_rows(replies[0], route.dim)
         weights = np.zeros((len(ids), route.dim), dtype=np.float32)
         found = np.zeros(len(ids), dtype=bool)
         parts = [(s, pos) for s, pos in enumerate(split_by_shard(ids, route.shards)) if len(pos)]
         if not parts:
             return weights, found
         if self._raw_pool is not None:
-            replies = self._raw_mget(
-                [self.keys(table, s).mget_command(ids[pos]) for s, pos in parts]
+            flags = [("HEXISTS", self.keys(table, s).meta, b"applied") for s, _ in parts]
+            replies = resp.send(
+                self._raw_pool,
+                [self.keys(table, s).mget_command(ids[pos]) for s, pos in parts],
+                flags if check else [],
             )
         else:  # Redis Cluster: let redis-py route each MGET to its node
             pipe = self.redis.pipeline(transaction=False)
             for shard, pos in parts:
                 # execute_command: cluster pipelines refuse .mget(); one slot per shard here
                 pipe.execute_command("MGET", *self.keys(table, shard).pull_keys(ids[pos]))
+            if check:
+                for shard, _ in parts:
+                    pipe.hexists(self.keys(table, shard).meta, b"applied")
             replies = pipe.execute()
-        for (_, pos), values in zip(parts, replies, strict=True):
+        if check and not all(replies[len(parts) :]):
+            return None
+        for (_, pos), values in zip(parts, replies[: len(parts)], strict=True):
             weights[pos], found[pos] = decode_rows(values, route.dim)
         return weights, found
 
-    def _raw_mget(self, commands: list[bytes]) -> list[list[bytes | None]]:
-        """Send pre-encoded MGETs in one round trip on a pooled connection; read the replies."""
-        assert self._raw_pool is not None
-        return resp.send(self._raw_pool, commands)
+    def _await_views(self, table: str, route: TableRoute) -> None:
+        """Wait (up to :attr:`ready_timeout_s`) until every shard of ``table`` has
+        published its pull view again, rather than train against zeros meanwhile."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        began = time.monotonic()
+        missing: list[int] = []
+        logged = False
+        while time.monotonic() < deadline:
+            ready = self._call(lambda: self._ready(table, route.shards))
+            missing = [s for s, ok in enumerate(ready) if not ok]
+            if not missing:
+                log.warning(
+                    "table %r: pull views back after %.1f s", table, time.monotonic() - began
+                )
+                return
+            if not logged:
+                logged = True
+                log.warning(
+                    "table %r: shards %s have no pull view (Redis lost its data?); waiting "
+                    "up to %g s for their servers to rebuild it",
+                    table,
+                    missing,
+                    self.ready_timeout_s,
+                )
+            time.sleep(0.1)
+        raise ShardsNotReady(
+            f"table {table!r}: shards {missing} did not publish their pull view again within "
+            f"{self.ready_timeout_s:g} s (is `pipeline ps` running for them?)"
+        )
 
     # -- push --------------------------------------------------------------
     def _validate(

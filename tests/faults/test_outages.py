@@ -243,6 +243,39 @@ def test_a_push_is_never_applied_twice_nor_lost_when_redis_loses_its_data(
     server.pause()
 
 
+def test_a_pull_waits_for_a_rebuilt_pull_view_instead_of_reading_zeros(
+    own_redis: RedisProcess, unique: str
+) -> None:
+    spec = _tables(unique)[f"{unique}_deep"]
+    name = spec.name
+    server = ServerThread(own_redis.url, [spec]).start()
+    ps = PSClient(redis.Redis.from_url(own_redis.url), trainer_id="t0", ready_timeout_s=60)
+    rng = np.random.default_rng(11)
+    ids = np.unique(rng.integers(1, 2**63, 200, dtype=np.uint64))
+    grads = rng.normal(0, 1, (len(ids), spec.dim)).astype(np.float32)
+    shows = np.full(len(ids), 20.0, np.float32)  # score 2 >= 1: admitted, in the pull view
+    ps.wait_applied(ps.push(name, ids, grads, shows, np.zeros(len(ids), np.float32)), 20)
+    before, found = ps.pull(name, ids)
+    assert found.all() and np.abs(before).sum() > 0
+
+    server.pause()
+    own_redis.kill()  # Redis comes back empty: no pull view until the server rebuilds it
+    own_redis.start()
+    pulled: list[tuple[np.ndarray, np.ndarray]] = []
+    puller = threading.Thread(target=lambda: pulled.append(ps.pull(name, ids)), daemon=True)
+    puller.start()
+    puller.join(1.0)
+    # the server is paused: nothing can publish a view, so the pull must still be waiting
+    assert puller.is_alive() and not pulled, "pull returned zeros from a lost pull view"
+    server.start()  # rebuilds the view from its table
+    puller.join(30)
+    assert pulled, "pull did not return after the pull view was rebuilt"
+    after, found_after = pulled[0]
+    assert found_after.all()
+    np.testing.assert_array_equal(after, before)
+    server.pause()
+
+
 def test_a_trainer_waits_for_its_shard_servers_then_fails_clearly(
     own_redis: RedisProcess, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
