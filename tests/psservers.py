@@ -9,10 +9,21 @@ from typing import Any
 
 import redis
 
+from pipeline.ps.catalog import load_catalog
 from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
 
-__all__ = ["shard_servers"]
+__all__ = ["catalog_tables", "shard_servers"]
+
+
+def catalog_tables(tag: str) -> dict[str, TableSpec]:
+    """The default catalog's tables renamed ``<tag>_<name>``, by name (one test's own tables)."""
+    out = {}
+    for spec in load_catalog():
+        data = spec.to_dict()
+        data["name"] = f"{tag}_{spec.name}"
+        out[data["name"]] = TableSpec.from_dict(data)
+    return out
 
 
 @contextmanager

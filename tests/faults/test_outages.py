@@ -41,7 +41,6 @@ from pipeline.errors import PipelineError
 from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
 from pipeline.model.modules import dense_state
 from pipeline.model.spec import ModelSpec
-from pipeline.ps.catalog import load_catalog
 from pipeline.ps.client import PSClient, ShardsNotReady
 from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
@@ -54,6 +53,7 @@ from pipeline.train.metrics_sink import RedisMetricsSink
 from pipeline.train.settings import TrainerSettings
 from pipeline.train.trainer import Trainer
 from tests.e2eutil import wait_for, write_specs
+from tests.psservers import catalog_tables
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -176,15 +176,6 @@ class ServerThread:
         assert not self._thread.is_alive()
 
 
-def _tables(unique: str) -> dict[str, TableSpec]:
-    out = {}
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{unique}_{spec.name}"
-        out[data["name"]] = TableSpec.from_dict(data)
-    return out
-
-
 def _model(unique: str) -> ModelSpec:
     return ModelSpec(
         name=f"m_{unique}",
@@ -201,7 +192,7 @@ def _model(unique: str) -> ModelSpec:
 def test_a_push_is_never_applied_twice_nor_lost_when_redis_loses_its_data(
     own_redis: RedisProcess, unique: str
 ) -> None:
-    spec = _tables(unique)[f"{unique}_deep"]
+    spec = catalog_tables(unique)[f"{unique}_deep"]
     name = spec.name
     server = ServerThread(own_redis.url, [spec]).start()
     ps = PSClient(redis.Redis.from_url(own_redis.url), trainer_id="t0", max_inflight=8)
@@ -246,7 +237,7 @@ def test_a_push_is_never_applied_twice_nor_lost_when_redis_loses_its_data(
 def test_a_pull_waits_for_a_rebuilt_pull_view_instead_of_reading_zeros(
     own_redis: RedisProcess, unique: str
 ) -> None:
-    spec = _tables(unique)[f"{unique}_deep"]
+    spec = catalog_tables(unique)[f"{unique}_deep"]
     name = spec.name
     server = ServerThread(own_redis.url, [spec]).start()
     ps = PSClient(redis.Redis.from_url(own_redis.url), trainer_id="t0", ready_timeout_s=60)
@@ -279,7 +270,7 @@ def test_a_pull_waits_for_a_rebuilt_pull_view_instead_of_reading_zeros(
 def test_a_trainer_waits_for_its_shard_servers_then_fails_clearly(
     own_redis: RedisProcess, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spec = _tables(unique)[f"{unique}_wide"]
+    spec = catalog_tables(unique)[f"{unique}_wide"]
     client = redis.Redis.from_url(own_redis.url)
     with pytest.raises(ShardsNotReady, match="no shard server has registered it within"):
         PSClient(client, ready_timeout_s=0.5).route(spec.name)
@@ -303,7 +294,7 @@ def test_a_trainer_waits_for_its_shard_servers_then_fails_clearly(
 def test_dense_parameters_survive_a_redis_loss(
     own_redis: RedisProcess, unique: str, tmp_path: Path
 ) -> None:
-    tables = _tables(unique)
+    tables = catalog_tables(unique)
     model = _model(unique)
     server = ServerThread(own_redis.url, list(tables.values())).start()
     settings = TrainerSettings(device="cpu")

@@ -23,7 +23,6 @@ from pipeline.config import KafkaSettings
 from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
 from pipeline.model.modules import dense_state
 from pipeline.model.spec import ModelSpec
-from pipeline.ps.catalog import load_catalog
 from pipeline.ps.client import PSClient
 from pipeline.ps.dense import pull_dense
 from pipeline.ps.export import RowBatch
@@ -38,7 +37,7 @@ from pipeline.train.dataset import QueueDataset
 from pipeline.train.resume import seek_group
 from pipeline.train.settings import TrainerSettings
 from pipeline.train.trainer import Trainer
-from tests.psservers import shard_servers
+from tests.psservers import catalog_tables, shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,15 +55,6 @@ def _servers(
 ) -> AbstractContextManager[list[ShardServer]]:
     options = ServerOptions(block_ms=5, restore=restore)
     return shard_servers(url, specs, SHARDS, options=options, wait_ready=True)
-
-
-def _tables(tag: str) -> dict[str, TableSpec]:
-    out = {}
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{tag}_{spec.name}"
-        out[data["name"]] = TableSpec.from_dict(data)
-    return out
 
 
 def _model(tag: str) -> ModelSpec:
@@ -96,7 +86,7 @@ class _Job:
 
     def __init__(self, url: str, kafka: KafkaSettings, topic: str, tag: str) -> None:
         self.url, self.kafka, self.topic = url, kafka, topic
-        self.tables = _tables(tag)
+        self.tables = catalog_tables(tag)
         self.spec = _model(tag)
         self.group = f"g_{tag}"
         self.r = redis.Redis.from_url(url)
@@ -246,7 +236,7 @@ def test_resume_from_a_trainer_cut_equals_the_uninterrupted_run(
 def test_a_live_trainer_that_never_joins_aborts_the_cut(
     redis_url: str, unique: str, tmp_path: Path
 ) -> None:
-    tables = _tables(f"a{unique}")
+    tables = catalog_tables(f"a{unique}")
     r = redis.Redis.from_url(redis_url)
     job_name = f"job{unique}"
     SnapshotParticipant(r, job_name, "stuck").heartbeat()  # live, but never polls

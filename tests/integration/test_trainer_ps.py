@@ -15,7 +15,6 @@ from sklearn.metrics import roc_auc_score
 from pipeline.ingest.adapters import open_dataset
 from pipeline.ingest.generator import SLOTS, TrafficConfig, TrafficGenerator
 from pipeline.model.spec import ModelSpec
-from pipeline.ps.catalog import load_catalog
 from pipeline.ps.client import PSClient
 from pipeline.ps.server import ServerOptions, ShardServer
 from pipeline.ps.spec import TableSpec
@@ -23,18 +22,9 @@ from pipeline.train.backend import LocalBackend
 from pipeline.train.batching import TrainBatch
 from pipeline.train.settings import TrainerSettings
 from pipeline.train.trainer import IterSource, Trainer
-from tests.psservers import shard_servers
+from tests.psservers import catalog_tables, shard_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _tables(unique: str) -> dict[str, TableSpec]:
-    out = {}
-    for spec in load_catalog():
-        data = spec.to_dict()
-        data["name"] = f"{unique}_{spec.name}"
-        out[data["name"]] = TableSpec.from_dict(data)
-    return out
 
 
 def _spec(unique: str, kind: str = "deepfm") -> ModelSpec:
@@ -74,7 +64,7 @@ def _preds(trainer: Trainer) -> tuple[np.ndarray, np.ndarray]:
 def test_sync_mode_on_two_shards_equals_the_in_process_reference(
     redis_url: str, unique: str
 ) -> None:
-    tables = _tables(unique)
+    tables = catalog_tables(unique)
     spec = _spec(unique)
     reference = _train(LocalBackend(list(tables.values())), tables, spec, mode="sync")
     with _servers(redis_url, list(tables.values())):
@@ -99,7 +89,7 @@ def test_sync_mode_on_two_shards_equals_the_in_process_reference(
 def test_async_and_geo_modes_learn_close_to_the_reference(
     redis_url: str, unique: str, mode: str
 ) -> None:
-    tables = _tables(unique)
+    tables = catalog_tables(unique)
     spec = _spec(unique)
     reference = _train(LocalBackend(list(tables.values())), tables, spec, mode="sync")
     with _servers(redis_url, list(tables.values())):
@@ -118,7 +108,7 @@ def test_async_and_geo_modes_learn_close_to_the_reference(
 
 
 def test_missing_table_fails_at_start(unique: str) -> None:
-    tables = _tables(unique)
+    tables = catalog_tables(unique)
     spec = dataclasses.replace(_spec(unique), deep_table=f"{unique}_nope")
     with pytest.raises(Exception, match="nope"):
         Trainer(spec, tables, LocalBackend(list(tables.values())), TrainerSettings(device="cpu"))
@@ -136,7 +126,7 @@ def test_ps_trained_deepfm_matches_in_process_auc_within_0_005(
     redis_url: str, unique: str, stream: str, request: pytest.FixtureRequest
 ) -> None:
     """The issue's quality bar: same model, same order, PS (2 shards) vs in-process."""
-    tables = _tables(unique)
+    tables = catalog_tables(unique)
     if stream == "criteo":
         data = request.getfixturevalue("shared_data")
         spec = _criteo_spec(unique)
