@@ -229,7 +229,7 @@ class PSClient:
             pulled = self._pull_once(table, route, ids)
             if pulled is not None:
                 return pulled
-            self._await_views(table, route)
+            route = self._await_views(table)
 
     def _pull_once(
         self, table: str, route: TableRoute, ids: np.ndarray
@@ -275,35 +275,11 @@ class PSClient:
             weights[pos], found[pos] = decode_rows(values, route.dim)
         return weights, found
 
-    def _await_views(self, table: str, route: TableRoute) -> None:
-        """Wait (up to :attr:`ready_timeout_s`) until every shard of ``table`` has
-        published its pull view again, rather than train against zeros meanwhile."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        began = time.monotonic()
-        missing: list[int] = []
-        logged = False
-        while time.monotonic() < deadline:
-            ready = self._call(lambda: self._ready(table, route.shards))
-            missing = [s for s, ok in enumerate(ready) if not ok]
-            if not missing:
-                log.warning(
-                    "table %r: pull views back after %.1f s", table, time.monotonic() - began
-                )
-                return
-            if not logged:
-                logged = True
-                log.warning(
-                    "table %r: shards %s have no pull view (Redis lost its data?); waiting "
-                    "up to %g s for their servers to rebuild it",
-                    table,
-                    missing,
-                    self.ready_timeout_s,
-                )
-            time.sleep(0.1)
-        raise ShardsNotReady(
-            f"table {table!r}: shards {missing} did not publish their pull view again within "
-            f"{self.ready_timeout_s:g} s (is `pipeline ps` running for them?)"
-        )
+    def _await_views(self, table: str) -> TableRoute:
+        """Wait, as on first use, until the table is registered and every shard has
+        published its pull view again (:meth:`route`), rather than train against zeros."""
+        self.routes.pop(table, None)
+        return self.route(table)
 
     # -- push --------------------------------------------------------------
     def _validate(
