@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.httpauth import AUTH_HEADER, CHALLENGE, authorized
 
-__all__ = ["PROMETHEUS_TYPE", "MetricsHTTPServer"]
+__all__ = ["PROMETHEUS_TYPE", "MetricsHTTPServer", "respond"]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,28 @@ def _handler(render: Callable[[], bytes], token: str | None) -> type[BaseHTTPReq
                 self._send(200, render(), PROMETHEUS_TYPE)
 
         def _send(self, status: int, data: bytes, ctype: str, challenge: str = "") -> None:
-            self.send_response(status)
-            if challenge:
-                self.send_header("WWW-Authenticate", challenge)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            headers = {"WWW-Authenticate": challenge} if challenge else None
+            respond(self, status, data, ctype, headers)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
     return Handler
+
+
+def respond(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    data: bytes,
+    ctype: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Write one whole response (status, ``headers``, type, length, body) on a
+    :class:`http.server.BaseHTTPRequestHandler`."""
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

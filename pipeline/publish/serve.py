@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.httpauth import AUTH_HEADER, CHALLENGE, authorized
+from pipeline.metricshttp import PROMETHEUS_TYPE, respond
 from pipeline.publish.predict import RequestError, parse_request, score
 from pipeline.publish.subscriber import LiveModel, Subscriber, VersionEvent
 
@@ -266,7 +267,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self._json("/health", *server.health())
             elif self.path == "/metrics":
                 if self._authorized("/metrics"):
-                    self._send("/metrics", 200, server.metrics.render(), _PROM_TYPE)
+                    self._send("/metrics", 200, server.metrics.render(), PROMETHEUS_TYPE)
             else:
                 self._json("other", 404, server._error("not_found", f"no such path {self.path}"))
 
@@ -322,18 +323,9 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             headers: dict[str, str] | None = None,
         ) -> None:
             server.metrics.requests.labels(endpoint, str(status)).inc()
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            respond(self, status, data, ctype, headers)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
     return Handler
-
-
-_PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"
